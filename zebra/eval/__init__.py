@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval-compatible zero-shot tasks, perplexity, KV cache, throughput, reports."""
