@@ -11,6 +11,7 @@ from einops import rearrange
 
 from zebra.config import LlamaConfig
 from zebra.llama import LlamaAttention, LlamaForCausalLM, rope_frequencies
+from zebra.mamba2 import Mamba2, Mamba2Config
 from zebra.mla import MLAConfig, MLAttention
 
 # ---------------------------------------------------------------------------------------
@@ -123,7 +124,9 @@ def mla_from_llama(attn: LlamaAttention, llama_cfg: LlamaConfig, q_rank: int, kv
 
     mode "official" | "preserve" (see above); rope_pairs (preserve only): "high_freq" keeps the
     d_rope/2 highest-frequency teacher pairs, "norm" the best by `rope_pair_scores(attn, inputs)`.
-    d_nope = head_dim - d_rope and v_head_dim = head_dim, so every teacher head dim is used once."""
+    d_nope = head_dim - d_rope and v_head_dim = head_dim, so every teacher head dim is used once.
+    latent_norm=True adds RMSNorms (weight 1) on the latents, as no released config does: the
+    factors are the same, but the layer then no longer matches the SVD's function."""
     H, Hk, d, D = attn.n_heads, attn.n_kv_heads, attn.head_dim, llama_cfg.hidden_size
     if attn.q_proj.bias is not None:
         raise ValueError("attention_bias: MLA has no biases, the teacher must have attention_bias=False")
@@ -181,12 +184,6 @@ def mla_from_llama(attn: LlamaAttention, llama_cfg: LlamaConfig, q_rank: int, kv
 
 # ---------------------------------------------------------------------------------------
 # Mamba2: attention -> SSD reinterpretation
-
-import torch  # noqa: E402  (each section keeps its own imports)
-
-from zebra.config import LlamaConfig  # noqa: E402
-from zebra.llama import LlamaAttention  # noqa: E402
-from zebra.mamba2 import Mamba2, Mamba2Config  # noqa: E402
 
 
 @torch.no_grad()
