@@ -30,13 +30,21 @@ import torch
 import triton
 import triton.language as tl
 
-# The interpreter ignores num_warps/num_stages: autotuning there would only repeat work.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tuning_configs(configs):
+    """Autotune configs, only the first under TRITON_INTERPRET=1: the interpreter ignores
+    num_warps/num_stages and block sizes do not change results, so tuning there is wasted."""
+    return configs[:1] if os.environ.get("TRITON_INTERPRET") == "1" else configs
+
+
+# Triton 3.9's interpreter gets tl.dot of bf16 operands wrong (fp16 and fp32 are right), so
+# under the interpreter the kernels feed fp32 to their matrix products; GPUs use x's dtype.
+_FP32_DOTS = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _configs(warps_stages):
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in warps_stages]
-    return configs[:1] if _INTERPRET else configs
+    return tuning_configs([triton.Config({}, num_warps=w, num_stages=s) for w, s in warps_stages])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,6 +87,7 @@ def _states_fwd_kernel(x_ptr, B_ptr, dt_ptr, acs_ptr, init_ptr, states_ptr, fina
                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_pn, pid_bh = tl.program_id(0), tl.program_id(1)
     bi, hd = pid_bh // H, pid_bh % H
+    dtype = tl.float32 if _FP32_DOTS else x_ptr.dtype.element_ty
     n_pblocks = tl.cdiv(P, BLOCK_P)
     offs_p = (pid_pn % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = (pid_pn // n_pblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,8 +113,8 @@ def _states_fwd_kernel(x_ptr, B_ptr, dt_ptr, acs_ptr, init_ptr, states_ptr, fina
         acs = tl.load(acs_base + t)
         acs_last = tl.load(acs_base + c * CHUNK + CHUNK - 1)
         w = tl.exp(acs_last - acs) * dt  # (q): decay to the chunk's end times dt
-        xw = (x * w[:, None]).to(x_ptr.dtype.element_ty)
-        h = tl.exp(acs_last) * h + tl.dot(tl.trans(xw), B)
+        xw = (x * w[:, None]).to(dtype)
+        h = tl.exp(acs_last) * h + tl.dot(tl.trans(xw), B.to(dtype))
     if STORE_FINAL:
         tl.store(final_ptr + pid_bh * P * N + offs_pn, h, mask=mask_pn)
 
@@ -122,7 +131,7 @@ def _output_fwd_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, acs_ptr, states_ptr, D_ptr, 
                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_p, pid_bc, hd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bi, c = pid_bc // NC, pid_bc % NC
-    dtype = x_ptr.dtype.element_ty
+    dtype = tl.float32 if _FP32_DOTS else x_ptr.dtype.element_ty
     offs_q = tl.arange(0, CHUNK)
     t = c * CHUNK + offs_q
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -143,6 +152,7 @@ def _output_fwd_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, acs_ptr, states_ptr, D_ptr, 
                     mask=(offs_p < P)[None, :] & (offs_n < N)[:, None], other=0.0)  # (n p)
     causal = offs_q[:, None] >= offs_q[None, :]
     decay = tl.exp(tl.where(causal, acs[:, None] - acs[None, :], float("-inf")))  # (t s)
+    x, B, C = x.to(dtype), B.to(dtype), C.to(dtype)
     scores = tl.dot(C, tl.trans(B)) * decay * dt[None, :]
     y = tl.dot(scores.to(dtype), x)
     y += tl.exp(acs)[:, None] * tl.dot(C, state.to(dtype))
@@ -167,7 +177,7 @@ def _dstates_bwd_kernel(dout_ptr, z_ptr, C_ptr, acs_ptr, dfinal_ptr, dstates_ptr
                         CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_pn, pid_bh = tl.program_id(0), tl.program_id(1)
     bi, hd = pid_bh // H, pid_bh % H
-    dtype = C_ptr.dtype.element_ty
+    dtype = tl.float32 if _FP32_DOTS else C_ptr.dtype.element_ty
     n_pblocks = tl.cdiv(P, BLOCK_P)
     offs_p = (pid_pn % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = (pid_pn // n_pblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -196,7 +206,7 @@ def _dstates_bwd_kernel(dout_ptr, z_ptr, C_ptr, acs_ptr, dfinal_ptr, dstates_ptr
         acs = tl.load(acs_base + t)
         acs_last = tl.load(acs_base + c * CHUNK + CHUNK - 1)
         dyw = (dy * tl.exp(acs)[:, None]).to(dtype)
-        g = tl.exp(acs_last) * g + tl.dot(tl.trans(dyw), C)
+        g = tl.exp(acs_last) * g + tl.dot(tl.trans(dyw), C.to(dtype))
     if HAS_INIT:
         tl.store(dinit_ptr + pid_bh * P * N + offs_pn, g, mask=mask_pn)
 
@@ -216,7 +226,7 @@ def _chunk_bwd_kernel(x_ptr, B_ptr, C_ptr, dt_raw_ptr, bias_ptr, A_ptr, D_ptr, z
                       CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bc, pid_g = tl.program_id(0), tl.program_id(1)
     bi, c = pid_bc // NC, pid_bc % NC
-    dtype = x_ptr.dtype.element_ty
+    dtype = tl.float32 if _FP32_DOTS else x_ptr.dtype.element_ty
     offs_q = tl.arange(0, CHUNK)
     t = c * CHUNK + offs_q
     row = bi * L + t
@@ -249,6 +259,7 @@ def _chunk_bwd_kernel(x_ptr, B_ptr, C_ptr, dt_raw_ptr, bias_ptr, A_ptr, D_ptr, z
         dout = tl.load(dout_ptr + (row[:, None] * H + hd) * P + offs_p[None, :], mask=mask_qp,
                        other=0.0).to(tl.float32)
         decay = tl.exp(tl.where(causal, acs[:, None] - acs[None, :], float("-inf")))  # (t s)
+        x, B, C = x.to(dtype), B.to(dtype), C.to(dtype)
         cb = tl.dot(C, tl.trans(B))  # (t s)
         y_off = tl.exp(acs)[:, None] * tl.dot(C, tl.trans(state.to(dtype)))  # (q p)
         if HAS_D:
