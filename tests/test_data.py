@@ -22,6 +22,7 @@ from zebra.data import (
     Sample,
     encode_chat,
     encode_pair,
+    encode_sft,
     load_pairs,
     load_rows,
     load_sft,
@@ -317,3 +318,39 @@ def test_plain_text_is_trained_everywhere(tokenizer, tmp_path):
     samples = load_sft(path, tokenizer)
     assert [tokenizer.decode(s.ids) for s in samples] == ["Hello world.", "Bye."]
     assert all(s.mask.all() for s in samples)
+
+
+@pytest.fixture(scope="module")
+def teacher_tokenizer():
+    from zebra.hub import resolve_model_dir
+    from zebra.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(resolve_model_dir("smollm2-135m-instruct"))
+
+
+def test_teacher_masks_match_transformers_offsets(teacher_tokenizer):
+    """SmolLM2's own template and tokenizer: our tokens equal one encode of the whole render, and the
+    mask equals an offset-based reference built with transformers: a token is trained iff its
+    characters lie inside some '<|im_start|>assistant\\n' ... '<|im_end|>\\n' turn body."""
+    from transformers import AutoTokenizer
+
+    from zebra.hub import resolve_model_dir
+
+    hf = AutoTokenizer.from_pretrained(resolve_model_dir("smollm2-135m-instruct"))
+    samples = []
+    for path in (CHAT, INSTRUCTIONS):
+        rows, schema = load_rows(str(path))
+        samples += encode_sft(teacher_tokenizer, rows.select(range(100)), schema, str(path))
+    head, tail = "<|im_start|>assistant\n", "<|im_end|>\n"
+    for sample in samples:
+        text = teacher_tokenizer.decode(sample.ids)
+        encoding = hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert sample.ids.tolist() == encoding["input_ids"]
+        spans, start = [], text.find(head)
+        while start >= 0:
+            end = text.index(tail, start) + len(tail)
+            spans.append((start + len(head), end))
+            start = text.find(head, end)
+        want = [any(a <= lo and hi <= b for a, b in spans) for lo, hi in encoding["offset_mapping"]]
+        assert sample.mask.tolist() == want
+    assert teacher_tokenizer.decode([teacher_tokenizer.eos_token_id]) == "<|im_end|>"

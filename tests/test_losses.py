@@ -87,6 +87,20 @@ def test_kd_chunked_equals_unchunked(chunk_size):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_kd_bf16_inputs_give_bf16_grads_close_to_fp32():
+    hs, ht, ws, wt, targets, mask = random_kd_inputs(b=2, l=6, d=8, V=13, seed=4)
+    h, w = hs.bfloat16().requires_grad_(True), ws.bfloat16().requires_grad_(True)
+    out = kd_loss(h, ht.bfloat16(), w, wt.bfloat16(), targets, mask, ce_weight=0.5, chunk_size=5)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.bfloat16
+    h32, w32 = h.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    want = kd_unchunked(h32, ht.bfloat16().float(), w32, wt.bfloat16().float(), targets, mask, 1.0, 1.0, 0.5)
+    want.backward()
+    torch.testing.assert_close(out.loss, want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(h.grad.float(), h32.grad, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(w.grad.float(), w32.grad, rtol=5e-2, atol=5e-2)
+
+
 def test_kd_without_grad_and_mask_none():
     hs, ht, ws, wt, targets, _ = random_kd_inputs()
     with torch.no_grad():
