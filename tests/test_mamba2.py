@@ -32,7 +32,7 @@ def smollm2_config():
                        num_attention_heads=9, num_key_value_heads=3, head_dim=64)
 
 
-def tiny_block(seed=0, chunk_size=8):
+def tiny_block(seed=0, chunk_size=16):
     """A block with every parameter at its default init and a short chunk (lengths cross chunks)."""
     attn, cfg = tiny_teacher(seed=seed)
     block = mamba2_from_llama(attn, cfg, torch.Generator().manual_seed(seed))
@@ -111,7 +111,7 @@ def test_conv_state_holds_last_inputs():
 
 def test_left_padding_equals_row_alone():
     block = tiny_block()
-    D, lengths, extra = block.cfg.hidden_size, [11, 4, 1], 3
+    D, lengths, extra = block.cfg.hidden_size, [19, 4, 1], 3
     L = max(lengths)
     rows = [torch.randn(1, n + extra, D) for n in lengths]  # prompt + tokens decoded afterwards
     garbage = torch.randn(len(lengths), L, D)  # pads are not zeros: the mask must do the work
