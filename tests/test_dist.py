@@ -1,0 +1,74 @@
+"""FSDP2 on CPU (gloo): 2 ranks train like 1 process, and their DCP checkpoint loads on 1 process."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_training import ToyBatches, ce_loss, one_thread, read_rows, save_tensors, tiny_model  # noqa: F401
+from zebra import dist as zdist
+from zebra.trainer import TrainConfig, make_optimizer, train
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+WORKER = Path(__file__).with_name("tiny_training.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_match_one_process_and_checkpoint_reshards(tmp_path):
+    # 2 ranks x 1 row x 2 micro-steps (gradient sync on the last only) = the 1-process batch of 4
+    steps, two, one = 6, tmp_path / "two", tmp_path / "one"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(WORKER), str(two), "1", "2", str(steps), "tied"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    model = tiny_model(seed=0, tied=True)
+    cfg = TrainConfig(max_steps=steps, lr=3e-3, warmup_steps=2, batch_size=4, ckpt_interval=4, keep_last=5)
+    train(model, ce_loss, ToyBatches(4), cfg, one, stage="test")
+    rows1, rows2 = read_rows(one / "metrics.jsonl"), read_rows(two / "metrics.jsonl")
+    assert [r["step"] for r in rows2] == list(range(1, steps + 1))
+    for r1, r2 in zip(rows1, rows2):
+        assert r2["tokens"] == r1["tokens"] and r2["lr"] == r1["lr"]
+        assert abs(r2["loss"] - r1["loss"]) < 1e-5, (r1["step"], r1["loss"], r2["loss"])
+        assert abs(r2["grad_norm"] - r1["grad_norm"]) < 1e-5, (r1["step"], r1["grad_norm"], r2["grad_norm"])
+
+    # export_hf gathered full tensors; the sharded checkpoint loads into one unsharded process
+    exported = torch.load(two / "model/state.pt")
+    assert exported["lm_head.weight"].shape == (64, 32)
+    fresh = tiny_model(seed=1, tied=True)
+    state = zdist.load_checkpoint(zdist.latest_checkpoint(two / "checkpoints"), fresh, make_optimizer(fresh, cfg))
+    assert state["step"] == steps and state["data"] == {"epoch": 0, "index": 4 * steps}
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, exported[name]), name
+        torch.testing.assert_close(tensor, model.state_dict()[name], rtol=0, atol=1e-5)
+
+
+def test_single_process_group_runs_fsdp(tmp_path, monkeypatch):
+    """Without torchrun, init_distributed makes a 1-rank group and the FSDP2 path trains like a plain model."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = TrainConfig(max_steps=3, lr=3e-3, batch_size=2, ckpt_interval=3)
+    plain = tiny_model(seed=0)
+    train(plain, ce_loss, ToyBatches(2), cfg, tmp_path / "plain", stage="test")
+    info = zdist.init_distributed()
+    try:
+        assert (info.rank, info.world_size, info.device.type) == (0, 1, "cpu")
+        sharded = zdist.shard_model(tiny_model(seed=0), mixed_precision=True)  # bf16 is for GPUs only
+        train(sharded, ce_loss, ToyBatches(2), cfg, tmp_path / "fsdp", stage="test")
+        zdist.export_hf(sharded, tmp_path / "export", save_tensors)
+    finally:
+        zdist.cleanup()
+    for r1, r2 in zip(read_rows(tmp_path / "plain/metrics.jsonl"), read_rows(tmp_path / "fsdp/metrics.jsonl")):
+        assert abs(r1["loss"] - r2["loss"]) < 1e-6
+    exported = torch.load(tmp_path / "export/state.pt")
+    for name, tensor in plain.state_dict().items():
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=1e-6)

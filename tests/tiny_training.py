@@ -1,0 +1,103 @@
+"""Shared pieces of the trainer/dist tests: a tiny Llama, toy batches, a CE loss, and a torchrun
+worker (`python -m torch.distributed.run --nproc-per-node 2 tests/tiny_training.py OUT ...`)."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zebra.config import LlamaConfig
+from zebra.llama import LlamaForCausalLM
+
+VOCAB, SEQ = 64, 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine threads cost seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int, tied: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied)
+    return LlamaForCausalLM(config)
+
+
+class ToyBatches:
+    """Rows following x_{t+1} = (5 x_t + 3) mod V from random starts; the data protocol of
+    zebra.data.Batches (global batches of batch_size * world_size rows, rank r takes slice r,
+    position {"epoch", "index"} in rows)."""
+
+    def __init__(self, batch_size: int, rank: int = 0, world_size: int = 1, n_rows: int = 48, seed: int = 0):
+        starts = np.random.default_rng(seed).integers(0, VOCAB, n_rows)
+        rows = [starts]
+        for _ in range(SEQ):
+            rows.append((5 * rows[-1] + 3) % VOCAB)
+        self.rows = torch.from_numpy(np.stack(rows, axis=1))  # (n_rows, SEQ + 1)
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.epoch, self.index = 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        step = self.batch_size * self.world_size
+        if self.index + step > len(self.rows):
+            self.epoch, self.index = self.epoch + 1, 0
+        order = torch.from_numpy(np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows)))
+        start = self.index + self.rank * self.batch_size
+        self.index += step
+        rows = self.rows[order[start : start + self.batch_size]]
+        return {"input_ids": rows[:, :-1], "targets": rows[:, 1:]}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+def ce_loss(model, batch):
+    logits = model(batch["input_ids"]).float()
+    loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
+    return loss, {"ce": loss.item()}
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def save_tensors(path: Path, state: dict):
+    """A stand-in HF writer for export_hf: one file of full tensors."""
+    path.mkdir(parents=True)
+    torch.save({k: v.clone() for k, v in state.items()}, path / "state.pt")
+
+
+def main(out: str, batch_size: int, grad_accum: int, max_steps: int, tied: bool):
+    """torchrun worker: FSDP2-train the tiny model, checkpoint, export the full weights."""
+    from zebra.dist import cleanup, export_hf, init_distributed, shard_model
+    from zebra.trainer import TrainConfig, train
+
+    info = init_distributed()
+    torch.use_deterministic_algorithms(True)
+    model = shard_model(tiny_model(seed=0, tied=tied), mixed_precision=False)
+    cfg = TrainConfig(max_steps=max_steps, lr=3e-3, warmup_steps=2, batch_size=batch_size,
+                      grad_accum=grad_accum, ckpt_interval=4, keep_last=5)
+    batches = ToyBatches(batch_size, info.rank, info.world_size)
+    train(model, ce_loss, batches, cfg, out, stage="test")
+    export_hf(model, Path(out) / "model", save_tensors)
+    cleanup()
+
+
+if __name__ == "__main__":
+    out, batch_size, grad_accum, max_steps, tied = sys.argv[1:]
+    main(out, int(batch_size), int(grad_accum), int(max_steps), tied == "tied")
