@@ -110,7 +110,7 @@ def test_mask_selects_exactly_the_assistant_turns(tokenizer):
     want = [m["content"] + "<|im_end|>\n" for m in messages if m["role"] == "assistant"]
     assert [tokenizer.decode(run) for run in masked_runs(sample)] == want
     assert tokenizer.decode(sample.ids[~sample.mask]) == text.replace(want[0], "").replace(want[1], "")
-    assert encode_chat(tokenizer, messages, mask_prompt=False).mask.all()
+    assert encode_chat(tokenizer, messages, assistant_only=False).mask.all()
 
 
 def test_masks_on_the_shipped_chats(tokenizer):
@@ -354,3 +354,14 @@ def test_teacher_masks_match_transformers_offsets(teacher_tokenizer):
         want = [any(a <= lo and hi <= b for a, b in spans) for lo, hi in encoding["offset_mapping"]]
         assert sample.mask.tolist() == want
     assert teacher_tokenizer.decode([teacher_tokenizer.eos_token_id]) == "<|im_end|>"
+
+
+def test_parquet_chat_and_response_column(tokenizer, tmp_path):
+    import datasets
+
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    datasets.Dataset.from_list([{"messages": chat}]).to_parquet(str(tmp_path / "chat.parquet"))
+    datasets.Dataset.from_list([{"instruction": "Hi", "response": "Hello!"}]).to_parquet(str(tmp_path / "inst.parquet"))
+    (a,), (b,) = (load_sft(str(tmp_path / name), tokenizer) for name in ("chat.parquet", "inst.parquet"))
+    assert np.array_equal(a.ids, b.ids) and np.array_equal(a.mask, b.mask)
+    assert [tokenizer.decode(run) for run in masked_runs(a)] == ["Hello!<|im_end|>\n"]

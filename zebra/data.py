@@ -16,8 +16,9 @@ and render(messages[:i+1]) (both checked to be prefixes of the full render). The
 encoded piece by piece between those boundaries, so every token lies wholly inside or outside
 a span and the mask is exact by construction (no offset arithmetic, no BPE merge across a
 boundary). The span includes what the template writes after the content (ChatML's
-`<|im_end|>\\n`), so the model learns to stop. `mask_prompt=False` is the official behaviour:
-every token counts (OFFICIAL.md section 5).
+`<|im_end|>\\n`), so the model learns to stop. `assistant_only=False` is the official behaviour:
+every token counts (OFFICIAL.md section 5). Text is encoded without added special tokens: the
+template writes BOS itself where it has one (the official TRL packing adds another).
 
 SFT packing (a token stream, shapes `n l`): each epoch permutes the samples with a generator
 seeded by (seed, epoch), joins them with one EOS after each sample (the EOS inherits the mask of
@@ -66,11 +67,11 @@ HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 def load_rows(source: str, schema: str | None = None, split: str = "train") -> tuple[datasets.Dataset, str]:
-    """Load a hub dataset or a local file; return (rows, schema), the schema checked on the columns."""
+    """Load a local file (by its suffix; `split` unused) or a hub dataset -> (rows, schema)."""
     path = Path(source)
     if path.suffix in LOCAL_BUILDERS or path.exists():
         if not path.is_file():
-            raise FileNotFoundError(f"data file {source!r} does not exist")
+            raise FileNotFoundError(f"data file {source!r} {'is not a file' if path.exists() else 'does not exist'}")
         if path.suffix not in LOCAL_BUILDERS:
             raise ValueError(f"{source}: expected a .json, .jsonl, .jsonl.gz or .parquet file")
         try:
@@ -208,32 +209,34 @@ def _encode_pieces(tokenizer, text: str, cuts: list[int]) -> Sample:
     return Sample(np.array(ids, dtype=np.int64), np.array(mask, dtype=bool))
 
 
-def encode_chat(tokenizer, messages: list[dict], mask_prompt: bool = True) -> Sample:
-    """Render with the chat template; mask = assistant tokens (all tokens if not mask_prompt)."""
+def _trained_everywhere(ids: list[int]) -> Sample:
+    return Sample(np.array(ids, dtype=np.int64), np.ones(len(ids), dtype=bool))
+
+
+def encode_chat(tokenizer, messages: list[dict], assistant_only: bool = True) -> Sample:
+    """Render with the chat template; mask = assistant tokens (all tokens if not assistant_only)."""
     text = _render(tokenizer, messages)
+    if not assistant_only:
+        return _trained_everywhere(tokenizer.encode(text))
     cuts = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant" or not mask_prompt:
-            continue
-        head, turn = _render(tokenizer, messages[:i], True), _render(tokenizer, messages[: i + 1])
-        if not (text.startswith(turn) and turn.startswith(head)):
-            raise ValueError("the chat template does not render a conversation prefix by prefix; cannot find assistant spans")
-        cuts += [len(head), len(turn)]
-    if not mask_prompt:
-        cuts = [0]
+        if message["role"] == "assistant":
+            head, turn = _render(tokenizer, messages[:i], True), _render(tokenizer, messages[: i + 1])
+            if not (text.startswith(turn) and turn.startswith(head)):
+                raise ValueError("the chat template does not render a conversation prefix by prefix; cannot find assistant spans")
+            cuts += [len(head), len(turn)]
     return _encode_pieces(tokenizer, text, cuts)
 
 
-def encode_sft(tokenizer, rows, schema: str, source: str, mask_prompt: bool = True) -> list[Sample]:
+def encode_sft(tokenizer, rows, schema: str, source: str, assistant_only: bool = True) -> list[Sample]:
     """Every row -> Sample; plain text is trained everywhere."""
     samples = []
     for i, row in enumerate(rows):
         chat = sft_messages(row, schema, f"{source} row {i}")
         if isinstance(chat, str):
-            ids = np.array(tokenizer.encode(chat), dtype=np.int64)
-            samples.append(Sample(ids, np.ones(len(ids), dtype=bool)))
+            samples.append(_trained_everywhere(tokenizer.encode(chat)))
         else:
-            samples.append(encode_chat(tokenizer, chat, mask_prompt))
+            samples.append(encode_chat(tokenizer, chat, assistant_only))
     return samples
 
 
@@ -255,9 +258,9 @@ def encode_pair(tokenizer, prompt: list[dict], chosen: list[dict], rejected: lis
     return Pair(*(np.array(x, dtype=np.int64) for x in (prompt_ids, *responses)))
 
 
-def load_sft(source: str, tokenizer, schema: str | None = None, mask_prompt: bool = True, split: str = "train") -> list[Sample]:
+def load_sft(source: str, tokenizer, schema: str | None = None, assistant_only: bool = True, split: str = "train") -> list[Sample]:
     rows, schema = load_rows(source, schema, split)
-    return encode_sft(tokenizer, rows, schema, source, mask_prompt)
+    return encode_sft(tokenizer, rows, schema, source, assistant_only)
 
 
 def load_pairs(source: str, tokenizer, max_length: int, max_prompt_length: int, schema: str | None = None, split: str = "train") -> list[Pair]:
@@ -339,7 +342,11 @@ class PackedBatches(Batches):
 
 
 class PairBatches(Batches):
-    """DPO pairs, right padded to one length l: {chosen,rejected}_{input_ids,targets,loss_mask} (b l)."""
+    """DPO pairs: {chosen,rejected}_{input_ids,targets,loss_mask} (b l), right padded with pad_id.
+
+    Both halves share l = longest prompt + response in the batch - 1 (the last token predicts
+    nothing), so the trainer may run them as one (2b l) forward as TRL does.
+    """
 
     def __init__(self, pairs: list[Pair], batch_size: int, pad_id: int, seed: int, rank: int = 0, world_size: int = 1):
         super().__init__(len(pairs), batch_size, seed, rank, world_size)
