@@ -9,13 +9,17 @@ file) in one of five schemas, detected from the columns or named by `schema=`:
     preference   prompt, chosen, rejected (strings, or message lists)
     hh           chosen, rejected: hh-rlhf transcripts "\\n\\nHuman: ...\\n\\nAssistant: ..."
 
+For SFT a preference row is its prompt + chosen response (hh: the chosen transcript); for DPO a
+whole-conversation pair splits into prompt = all but the last turn, responses = the last turns.
+
 A chat is rendered with the teacher's chat template and tokenised with `loss_mask` True on
 assistant tokens only. Exact assistant spans: the template renders the conversation prefix by
 prefix; assistant turn i spans the characters between render(messages[:i], generation prompt)
 and render(messages[:i+1]) (both checked to be prefixes of the full render). The text is then
 encoded piece by piece between those boundaries, so every token lies wholly inside or outside
 a span and the mask is exact by construction (no offset arithmetic, no BPE merge across a
-boundary). The span includes what the template writes after the content (ChatML's
+boundary). In ChatML and Llama-3 templates the pieces meet at special tokens, so the ids equal one
+encode of the whole render (tests check this, and the mask, for SmolLM2's tokenizer). The span includes what the template writes after the content (ChatML's
 `<|im_end|>\\n`), so the model learns to stop. `assistant_only=False` is the official behaviour:
 every token counts (OFFICIAL.md section 5). Text is encoded without added special tokens: the
 template writes BOS itself where it has one (the official TRL packing adds another).

@@ -67,7 +67,8 @@ class _ChunkedKD(torch.autograd.Function):
     student's hidden states (g @ W) and head weight (g^T @ h); backward only scales them. Each
     chunk's logits are built once and freed before the next chunk. (torch.utils.checkpoint per
     chunk would also bound memory, but it recomputes both models' logits in the backward pass:
-    one more (n, d) x (d, V) matmul per model.)
+    one more (n, d) x (d, V) matmul per model.) Memory: a few (chunk, V) fp32 buffers at a time,
+    plus the (n, d) and (V, d) gradients held from forward to backward.
     """
 
     @staticmethod
