@@ -3,6 +3,7 @@
 - exactness: with the test switch (A = 0, dt = 1, D = 0, no conv/SiLU/gate/norm) the block
   initialised from a GQA teacher's attention computes causal linear attention of the teacher's
   q, k, v, written out independently below;
+- the block == an independent plain-torch version of OFFICIAL.md section 3 (fp64);
 - decoding: prefill + token-by-token steps == one full forward (outputs and states);
 - left padding: a padded row of a batch == the row alone, with and without a cache;
 - shapes and parameter counts for SmolLM2-135M == OFFICIAL.md section 3; inits in their ranges.
@@ -78,6 +79,48 @@ def test_switch_off_is_not_linear_attention():
     u = torch.randn(1, 9, cfg.hidden_size)
     with torch.no_grad():
         assert (block(u) - causal_linear_attention(attn, u)).abs().max() > 1e-2
+
+
+def mamba2_by_hand(block, u):
+    """The block as OFFICIAL.md section 3 describes it, in plain torch: conv + SiLU over the
+    kv-wide [x | B | C], x and B repeated to the H heads (HF repeat_kv order) AFTER the conv,
+    the recurrence one token at a time, y + D x, per-head RMSNorm of y * silu(z), out_proj.
+    Returns the output and the final state (b H P N)."""
+    c = block.cfg
+    H, Hk, P = c.n_heads, c.n_kv_heads, c.head_dim
+    b, l, _ = u.shape
+    z, x, B, C, dt = (u @ block.in_proj.weight.T).split([H * P, Hk * P, Hk * P, H * P, H], dim=-1)
+    xBC = F.conv1d(torch.cat([x, B, C], -1).transpose(1, 2), block.conv1d.weight, block.conv1d.bias,
+                   padding=c.d_conv - 1, groups=block.conv1d.weight.shape[0])[..., :l]
+    x, B, C = F.silu(xBC).transpose(1, 2).split([Hk * P, Hk * P, H * P], dim=-1)
+    x = x.reshape(b, l, Hk, P).repeat_interleave(H // Hk, dim=2)
+    B = B.reshape(b, l, Hk, P).repeat_interleave(H // Hk, dim=2)
+    C = C.reshape(b, l, H, P)
+    dt = F.softplus(dt + block.dt_bias)
+    A = -torch.exp(block.A_log)
+    h, ys = torch.zeros(b, H, P, P, dtype=u.dtype), []
+    for t in range(l):
+        h = torch.exp(dt[:, t] * A)[..., None, None] * h + dt[:, t, :, None, None] * x[:, t, :, :, None] * B[:, t, :, None, :]
+        ys.append((h * C[:, t, :, None, :]).sum(-1) + block.D[:, None] * x[:, t])
+    y = torch.stack(ys, 1) * F.silu(z.reshape(b, l, H, P))
+    y = y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps)
+    return (y.reshape(b, l, H * P) * block.norm.weight) @ block.out_proj.weight.T, h
+
+
+@pytest.mark.parametrize("H,Hk", [(4, 2), (6, 1)])
+def test_forward_matches_block_by_hand(H, Hk):
+    attn, cfg = tiny_teacher(H=H, Hk=Hk, dtype=torch.float64)
+    block = mamba2_from_llama(attn, cfg, torch.Generator().manual_seed(2))
+    block.cfg.chunk_size = 16
+    with torch.no_grad():
+        block.D.normal_()  # D = 1 everywhere would hide a mix-up of heads
+        block.norm.weight.normal_()
+        u = torch.randn(2, 23, cfg.hidden_size, dtype=torch.float64)
+        want, want_state = mamba2_by_hand(block, u)
+        cache = block.new_cache(2)
+        got = block(u, cache)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cache.ssm_state, want_state, rtol=1e-10, atol=1e-12)
 
 
 def test_decode_equals_forward():
