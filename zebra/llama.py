@@ -123,6 +123,11 @@ class Cache:
         slots = torch.arange(self.length, self.length + seq_len, device=self.left_pad.device)
         return (slots[None] - self.left_pad[:, None]).clamp(min=0)
 
+    def real_tokens(self, seq_len: int) -> torch.Tensor:
+        """(b l) bool, True where the next `seq_len` slots hold real tokens (not left padding)."""
+        slots = torch.arange(self.length, self.length + seq_len, device=self.left_pad.device)
+        return slots[None] >= self.left_pad[:, None]
+
     def attention_mask(self, seq_len: int) -> torch.Tensor:
         """Boolean mask (b 1 l T), True = may attend: causal, never to pad slots.
 
