@@ -170,3 +170,30 @@ def test_dpo_policy_equal_to_reference():
     out = dpo_loss(*logps, *logps, beta=0.01)
     assert out.loss.item() == pytest.approx(math.log(2))
     assert out.margin.item() == 0.0 and out.accuracy.item() == 0.0
+
+
+def test_kd_on_a_tied_llama_matches_full_logits():
+    """Through a real (tiny, tied-embedding) student: every parameter's gradient equals plain autograd."""
+    from zebra.config import LlamaConfig
+    from zebra.llama import LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=4, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    teacher, student = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    ids = torch.randint(0, 50, (2, 9))
+    targets, mask = torch.roll(ids, -1, 1), torch.rand(2, 9) > 0.2
+    with torch.no_grad():
+        teacher_hidden = teacher.model(ids)
+    out = kd_loss(student.model(ids), teacher_hidden, student.lm_head.weight, teacher.lm_head.weight, targets, mask, ce_weight=0.5, chunk_size=4)
+    out.loss.backward()
+    chunked = {name: p.grad.clone() for name, p in student.named_parameters()}
+    student.zero_grad()
+    s, t = student(ids), teacher.lm_head(teacher_hidden)
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+    ce = F.cross_entropy(s.flatten(0, 1), targets.flatten(), reduction="none").view_as(kl)
+    want = (kl + 0.5 * ce)[mask].mean()
+    want.backward()
+    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(chunked[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
