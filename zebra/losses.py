@@ -117,12 +117,13 @@ def kd_loss(
     kl_weight: float = 1.0,
     ce_weight: float = 0.0,
     reduction: str = "token",
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> KDLoss:
     """KD loss from final hidden states (b l d) and lm_head weights (V d), chunked over positions.
 
     targets (b l) are the next tokens (for CE); mask (b l) selects the counted positions (None: all).
-    The teacher is frozen: no gradient flows to teacher_hidden or teacher_head.
+    The teacher is frozen: no gradient flows to teacher_hidden or teacher_head. chunk_size rows of
+    logits are live at a time (a few fp32 (chunk_size, V) buffers).
     """
     if reduction not in ("token", "sequence"):
         raise ValueError(f"kd_loss: reduction should be 'token' or 'sequence', got {reduction!r}")
