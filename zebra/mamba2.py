@@ -50,7 +50,7 @@ class Mamba2Config:
     n_kv_heads: int  # Hk: heads of x and groups of B
     head_dim: int  # P = N (d_state)
     d_conv: int = 4  # K
-    chunk_size: int = 64  # SSD chunk length: tiling only, the output does not depend on it
+    chunk_size: int = 64  # SSD chunk length (tiling only; a power of two >= 16 for the Triton kernels)
     rms_norm_eps: float = 1e-5  # of the gated norm (the reference's, not the teacher's)
     dt_min: float = 1e-3  # init: dt log-uniform in [dt_min, dt_max] ...
     dt_max: float = 0.1
@@ -129,6 +129,9 @@ def _uniform(shape, low: float, high: float, generator) -> torch.Tensor:
 
 
 class Mamba2(nn.Module):
+    """The block of the module docstring. Parameter names follow the official layer (in_proj,
+    conv1d, dt_bias, A_log, D, norm, out_proj)."""
+
     linear_attention_test = False  # TEST SWITCH: A = 0, dt = 1, D = 0, conv+SiLU and gated norm skipped
 
     def __init__(self, cfg: Mamba2Config):
@@ -153,8 +156,9 @@ class Mamba2(nn.Module):
         and bias; dt = exp(U(log dt_min, log dt_max)) floored at dt_init_floor and
         dt_bias = softplus^-1(dt), so softplus(dt_bias) = dt; A_log = log U(1, 16); D = 1; norm w = 1."""
         cfg = self.cfg
-        for w in (self.in_proj.weight, self.out_proj.weight, self.conv1d.weight, self.conv1d.bias):
-            fan_in = w.shape[1] if w.dim() == 2 else cfg.d_conv  # depthwise conv: one channel x K taps
+        fan_ins = [(self.in_proj.weight, cfg.hidden_size), (self.out_proj.weight, cfg.n_heads * cfg.head_dim),
+                   (self.conv1d.weight, cfg.d_conv), (self.conv1d.bias, cfg.d_conv)]  # depthwise: K taps
+        for w, fan_in in fan_ins:
             w.copy_(_uniform(w.shape, -fan_in**-0.5, fan_in**-0.5, generator))
         log_dt = _uniform(cfg.n_heads, math.log(cfg.dt_min), math.log(cfg.dt_max), generator)
         dt = log_dt.exp().clamp(min=cfg.dt_init_floor)
