@@ -263,11 +263,13 @@ def encode_pair(tokenizer, prompt: list[dict], chosen: list[dict], rejected: lis
 
 
 def load_sft(source: str, tokenizer, schema: str | None = None, assistant_only: bool = True, split: str = "train") -> list[Sample]:
+    """A file or hub dataset of any schema -> one Sample per row, for PackedBatches."""
     rows, schema = load_rows(source, schema, split)
     return encode_sft(tokenizer, rows, schema, source, assistant_only)
 
 
 def load_pairs(source: str, tokenizer, max_length: int, max_prompt_length: int, schema: str | None = None, split: str = "train") -> list[Pair]:
+    """A preference or hh file or hub dataset -> one truncated Pair per row, for PairBatches."""
     if max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length})")
     rows, schema = load_rows(source, schema, split)
