@@ -204,10 +204,13 @@ class ZebraModel(nn.Module):
         inv_freq = rope_frequencies(base.head_dim, base.rope_theta, base.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # for kept attention layers
 
-    def forward(self, input_ids, cache: Cache | None = None, hidden_states: list | None = None):
+    def forward(self, input_ids, cache: Cache | None = None, hidden_states: list | None = None,
+                layer_inputs: list | None = None):
         """input_ids (b l) -> final normed hidden states (b l D).
 
-        `hidden_states`, if a list, receives each layer's (input, block output, mixer output)."""
+        `hidden_states`, if a list, receives each layer's (input, block output, mixer output).
+        `layer_inputs` (ILD teacher forcing): layer i reads layer_inputs[i] (b l D) instead of
+        the previous layer's output; the final norm reads the last layer's output."""
         b, l = input_ids.shape
         if cache is None:
             positions = torch.arange(l, device=input_ids.device).expand(b, l)
@@ -217,8 +220,10 @@ class ZebraModel(nn.Module):
                        real=cache.real_tokens(l))
         if any(layer.kind == "attention" for layer in self.layers):
             ctx["cos_sin"] = rope_cos_sin(self.inv_freq, ctx["positions"])
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if layer_inputs is None else None
         for i, layer in enumerate(self.layers):
+            if layer_inputs is not None:
+                x = layer_inputs[i]
             out, mixed = layer(x, ctx, None if cache is None else cache.layers[i])
             if hidden_states is not None:
                 hidden_states.append((x, out, mixed))
@@ -237,9 +242,13 @@ class ZebraForCausalLM(nn.Module):
         if config.base.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, cache: Cache | None = None):
-        """input_ids (b l) -> logits (b l V)."""
-        return self.lm_head(self.model(input_ids, cache))
+    def forward(self, input_ids, cache: Cache | None = None, hidden_states: list | None = None,
+                return_hidden: bool = False, layer_inputs: list | None = None):
+        """input_ids (b l) -> logits (b l V), or the final normed hidden states (b l D) with
+        return_hidden. `hidden_states` and `layer_inputs`: see ZebraModel. Training calls go
+        through this root forward so that FSDP2's hooks see them."""
+        hidden = self.model(input_ids, cache, hidden_states, layer_inputs)
+        return hidden if return_hidden else self.lm_head(hidden)
 
     def new_cache(self, batch: int, max_len: int, left_pad: torch.Tensor | None = None, dtype=None) -> Cache:
         p = self.lm_head.weight

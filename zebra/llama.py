@@ -237,9 +237,12 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, cache: Cache | None = None):
-        """input_ids (b l) -> logits (b l V)."""
-        return self.lm_head(self.model(input_ids, cache))
+    def forward(self, input_ids, cache: Cache | None = None, hidden_states: list | None = None,
+                return_hidden: bool = False):
+        """input_ids (b l) -> logits (b l V), or the final normed hidden states (b l D) with
+        return_hidden (chunked KD applies lm_head itself). `hidden_states`: see LlamaModel."""
+        hidden = self.model(input_ids, cache, hidden_states)
+        return hidden if return_hidden else self.lm_head(hidden)
 
     def new_cache(self, batch: int, max_len: int, left_pad: torch.Tensor | None = None, dtype=None) -> Cache:
         """Preallocate a decoding cache for `batch` rows of up to `max_len` slots."""
