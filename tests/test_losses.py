@@ -71,16 +71,16 @@ def kd_unchunked(hs, ht, ws, wt, targets, mask, temperature, kl_weight, ce_weigh
     return per_token[mask].sum() / mask.sum()
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
-def test_kd_chunked_equals_unchunked(chunk_size):
+@pytest.mark.parametrize("chunk_size, temperature, ce_weight", [(1, 1.7, 0.4), (4, 1.7, 0.4), (1000, 1.7, 0.4), (4, 1.0, 0.0), (4, 1.0, 0.3), (4, 2.0, 0.0)])
+def test_kd_chunked_equals_unchunked(chunk_size, temperature, ce_weight):
     hs, ht, ws, wt, targets, mask = random_kd_inputs(b=3, l=7, d=6, V=11, seed=1)
     grads = []
     for fn in ("chunked", "reference"):
         h, w = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
         if fn == "chunked":
-            loss = kd_loss(h, ht, w, wt, targets, mask, temperature=1.7, kl_weight=0.6, ce_weight=0.4, chunk_size=chunk_size).loss
+            loss = kd_loss(h, ht, w, wt, targets, mask, temperature=temperature, kl_weight=0.6, ce_weight=ce_weight, chunk_size=chunk_size).loss
         else:
-            loss = kd_unchunked(h, ht, w, wt, targets, mask, 1.7, 0.6, 0.4)
+            loss = kd_unchunked(h, ht, w, wt, targets, mask, temperature, 0.6, ce_weight)
         (2.5 * loss).backward()  # a non-unit upstream gradient
         grads.append((loss.detach(), h.grad, w.grad))
     for got, want in zip(*grads):

@@ -82,16 +82,27 @@ class _ChunkedKD(torch.autograd.Function):
             h, y = student_hidden[start : start + chunk], targets[start : start + chunk]
             s = (h @ student_head.T).float()  # (c V)
             t = (teacher_hidden[start : start + chunk] @ teacher_head.T).float()
-            log_q, log_p = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
+            if temperature != 1.0:
+                s_t, t = s / temperature, t / temperature
+            else:
+                s_t = s
+            log_q, log_p = F.log_softmax(s_t, -1), F.log_softmax(t, -1)
             p = log_p.exp()
-            log_probs = log_q if temperature == 1.0 else F.log_softmax(s, -1)
             kl_sum += (p * (log_p - log_q)).sum()
+            log_probs = log_q if temperature == 1.0 else F.log_softmax(s, -1)
             ce_sum -= log_probs.gather(-1, y[:, None]).sum()
-            if need_grad:
-                g = kl_weight * temperature * (log_q.exp() - p) + ce_weight * log_probs.exp()
-                g[torch.arange(len(y), device=y.device), y] -= ce_weight  # (c V): dL/ds
-                grad_hidden[start : start + chunk] = g.to(h.dtype) @ student_head
-                grad_head += (g.to(h.dtype).T @ h).float()
+            if need_grad:  # g = dL/ds (c V), built in place over the buffers no longer needed
+                if temperature == 1.0:  # softmax(s) = q: g = (kl_weight + ce_weight) q - kl_weight p
+                    g = log_q.exp_().mul_(kl_weight + ce_weight).sub_(p, alpha=kl_weight)
+                else:
+                    g = log_q.exp_().sub_(p).mul_(kl_weight * temperature)
+                    if ce_weight:
+                        g.add_(log_probs.exp_(), alpha=ce_weight)
+                if ce_weight:
+                    g[torch.arange(len(y), device=y.device), y] -= ce_weight
+                g = g.to(h.dtype)
+                grad_hidden[start : start + chunk] = g @ student_head
+                grad_head.add_(g.T @ h)  # fp32 accumulation of the (V d) gradient
         ctx.save_for_backward(grad_hidden, grad_head)
         ctx.head_dtype = student_head.dtype
         ctx.mark_non_differentiable(kl_sum, ce_sum)
