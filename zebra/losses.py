@@ -80,13 +80,10 @@ class _ChunkedKD(torch.autograd.Function):
         grad_head = torch.zeros(student_head.shape, dtype=torch.float32, device=student_head.device) if need_grad else None
         for start in range(0, n, chunk):
             h, y = student_hidden[start : start + chunk], targets[start : start + chunk]
-            s = (h @ student_head.T).float()  # (c V)
-            t = (teacher_hidden[start : start + chunk] @ teacher_head.T).float()
-            if temperature != 1.0:
-                s_t, t = s / temperature, t / temperature
-            else:
-                s_t = s
-            log_q, log_p = F.log_softmax(s_t, -1), F.log_softmax(t, -1)
+            s = (h @ student_head.T).float()  # (c V) student logits
+            t = (teacher_hidden[start : start + chunk] @ teacher_head.T).float()  # (c V) teacher logits
+            log_q = F.log_softmax(s if temperature == 1.0 else s / temperature, -1)
+            log_p = F.log_softmax(t if temperature == 1.0 else t / temperature, -1)
             p = log_p.exp()
             kl_sum += (p * (log_p - log_q)).sum()
             log_probs = log_q if temperature == 1.0 else F.log_softmax(s, -1)
