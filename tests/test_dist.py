@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_training import ToyBatches, ce_loss, one_thread, read_rows, save_tensors, tiny_model  # noqa: F401
+from tiny_training import ToyBatches, ce_loss, hf_writer, kd_loss_fn, one_thread, read_rows, tiny_model  # noqa: F401
 from zebra import dist as zdist
+from zebra.hub import read_model_dir
 from zebra.trainer import TrainConfig, make_optimizer, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -23,31 +24,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process_and_checkpoint_reshards(tmp_path):
-    # 2 ranks x 1 row x 2 micro-steps (gradient sync on the last only) = the 1-process batch of 4
+    """KD (body hidden states + raw lm_head weights) from a sharded teacher, tied embeddings;
+    2 ranks x 1 row x 2 micro-steps (gradient sync on the last only) = the 1-process batch of 4."""
     steps, two, one = 6, tmp_path / "two", tmp_path / "one"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            str(WORKER), str(two), "1", "2", str(steps), "tied"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
 
-    model = tiny_model(seed=0, tied=True)
+    model, teacher = tiny_model(seed=0, tied=True), tiny_model(seed=1, tied=True).requires_grad_(False)
     cfg = TrainConfig(max_steps=steps, lr=3e-3, warmup_steps=2, batch_size=4, ckpt_interval=4, keep_last=5)
-    train(model, ce_loss, ToyBatches(4), cfg, one, stage="test")
+    train(model, kd_loss_fn(teacher), ToyBatches(4), cfg, one, stage="test")
     rows1, rows2 = read_rows(one / "metrics.jsonl"), read_rows(two / "metrics.jsonl")
     assert [r["step"] for r in rows2] == list(range(1, steps + 1))
     for r1, r2 in zip(rows1, rows2):
         assert r2["tokens"] == r1["tokens"] and r2["lr"] == r1["lr"]
-        assert abs(r2["loss"] - r1["loss"]) < 1e-5, (r1["step"], r1["loss"], r2["loss"])
+        for key in ("loss", "kl", "ce"):
+            assert abs(r2[key] - r1[key]) < 1e-5, (r1["step"], key, r1[key], r2[key])
         assert abs(r2["grad_norm"] - r1["grad_norm"]) < 1e-5, (r1["step"], r1["grad_norm"], r2["grad_norm"])
 
     # export_hf gathered full tensors; the sharded checkpoint loads into one unsharded process
-    exported = torch.load(two / "model/state.pt")
-    assert exported["lm_head.weight"].shape == (64, 32)
+    config, exported = read_model_dir(two / "model")
+    assert config["tie_word_embeddings"] and exported["model.embed_tokens.weight"].shape == (64, 32)
     fresh = tiny_model(seed=1, tied=True)
     state = zdist.load_checkpoint(zdist.latest_checkpoint(two / "checkpoints"), fresh, make_optimizer(fresh, cfg))
     assert state["step"] == steps and state["data"] == {"epoch": 0, "index": 4 * steps}
     for name, tensor in fresh.state_dict().items():
+        if name == "lm_head.weight":  # tied: stored once, as the embedding
+            continue
         assert torch.equal(tensor, exported[name]), name
         torch.testing.assert_close(tensor, model.state_dict()[name], rtol=0, atol=1e-5)
 
@@ -64,11 +70,11 @@ def test_single_process_group_runs_fsdp(tmp_path, monkeypatch):
         assert (info.rank, info.world_size, info.device.type) == (0, 1, "cpu")
         sharded = zdist.shard_model(tiny_model(seed=0), mixed_precision=True)  # bf16 is for GPUs only
         train(sharded, ce_loss, ToyBatches(2), cfg, tmp_path / "fsdp", stage="test")
-        zdist.export_hf(sharded, tmp_path / "export", save_tensors)
+        zdist.export_hf(sharded, tmp_path / "export", hf_writer(sharded))
     finally:
         zdist.cleanup()
     for r1, r2 in zip(read_rows(tmp_path / "plain/metrics.jsonl"), read_rows(tmp_path / "fsdp/metrics.jsonl")):
         assert abs(r1["loss"] - r2["loss"]) < 1e-6
-    exported = torch.load(tmp_path / "export/state.pt")
+    _, exported = read_model_dir(tmp_path / "export")
     for name, tensor in plain.state_dict().items():
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=1e-6)

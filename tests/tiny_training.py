@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from zebra.config import LlamaConfig
+from zebra.hub import write_model_dir
 from zebra.llama import LlamaForCausalLM
+from zebra.losses import kd_loss
 
 VOCAB, SEQ = 64, 16
 
@@ -72,29 +74,40 @@ def ce_loss(model, batch):
     return loss, {"ce": loss.item()}
 
 
+def kd_loss_fn(teacher):
+    """The KD stage's call pattern: the body's hidden states and the raw lm_head weights (chunked KD)."""
+    def loss_fn(model, batch):
+        with torch.no_grad():
+            teacher_hidden = teacher.model(batch["input_ids"])
+        out = kd_loss(model.model(batch["input_ids"]), teacher_hidden, model.lm_head.weight,
+                      teacher.lm_head.weight, batch["targets"], ce_weight=0.5, chunk_size=24)
+        return out.loss, {"kl": out.kl.item(), "ce": out.ce.item()}
+    return loss_fn
+
+
 def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def save_tensors(path: Path, state: dict):
-    """A stand-in HF writer for export_hf: one file of full tensors."""
-    path.mkdir(parents=True)
-    torch.save({k: v.clone() for k, v in state.items()}, path / "state.pt")
+def hf_writer(model):
+    """export_hf's writer for a Llama: the HF directory writer with the model's config bound."""
+    return lambda path, state: write_model_dir(path, model.config.to_dict(), state)
 
 
 def main(out: str, batch_size: int, grad_accum: int, max_steps: int, tied: bool):
-    """torchrun worker: FSDP2-train the tiny model, checkpoint, export the full weights."""
-    from zebra.dist import cleanup, export_hf, init_distributed, shard_model
+    """torchrun worker: FSDP2-train the tiny model by KD from a sharded teacher, checkpoint, export."""
+    from zebra.dist import cleanup, export_hf, init_distributed, shard_model, shard_teacher
     from zebra.trainer import TrainConfig, train
 
     info = init_distributed()
     torch.use_deterministic_algorithms(True)
     model = shard_model(tiny_model(seed=0, tied=tied), mixed_precision=False)
+    teacher = shard_teacher(tiny_model(seed=1, tied=tied), mixed_precision=False)
     cfg = TrainConfig(max_steps=max_steps, lr=3e-3, warmup_steps=2, batch_size=batch_size,
                       grad_accum=grad_accum, ckpt_interval=4, keep_last=5)
     batches = ToyBatches(batch_size, info.rank, info.world_size)
-    train(model, ce_loss, batches, cfg, out, stage="test")
-    export_hf(model, Path(out) / "model", save_tensors)
+    train(model, kd_loss_fn(teacher), batches, cfg, out, stage="test")
+    export_hf(model, Path(out) / "model", hf_writer(model))
     cleanup()
 
 

@@ -11,8 +11,9 @@ runs the same FSDP2 code path as many.
 FSDP2. With N ranks every parameter W (rows r) is stored as the dim-0 shard W[k r/N : (k+1) r/N]
 on rank k, a DTensor. `fully_shard` groups are, as in torchtitan: each decoder layer; the
 embeddings; norm + lm_head (with the embeddings when tied, since one tensor can be in one group
-only); then the root. Before a group runs its shards are all-gathered; after backward its
-gradients are reduce-scattered (averaged over ranks), so the optimizer updates shards only.
+only); then the root, here the body `model.model` (`_fully_shard_decoder` says why). Before a
+group runs its shards are all-gathered; after backward its gradients are reduce-scattered
+(averaged over ranks), so the optimizer updates shards only.
 Mixed precision on GPU: fp32 master weights and optimizer state, bf16 all-gathered weights for
 compute, fp32 gradient reduction. CPU stays fp32 (bf16 matmuls are slow there, and the CPU
 tests compare runs in fp32).
@@ -108,20 +109,26 @@ def barrier():
 # FSDP2
 
 
-def _fully_shard_decoder(model: nn.Module, mp_policy: MixedPrecisionPolicy, reshard_last: bool):
-    """fully_shard each layer, the embeddings, norm + lm_head, then the root (bottom-up)."""
+def _fully_shard_decoder(model: nn.Module, mp_policy: MixedPrecisionPolicy) -> nn.Module:
+    """fully_shard each layer, the embeddings, norm + lm_head, then the body `model.model` as root.
+
+    The root is the body, not the whole model, because stages call the body on its own
+    (`model.model(ids, hidden_states=...)`) and then read `lm_head.weight` directly (chunked KD):
+    FSDP2 needs every forward to enter through its root. The head group is not resharded after
+    forward (torchtitan: backward would gather it straight back), which also leaves lm_head.weight
+    gathered when the body returns. Calling layers one by one (ILD) works too: each becomes a root
+    of its own; but then the same model must not also be run through the body."""
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
     shard = dict(mesh=mesh, mp_policy=mp_policy)
     for layer in model.model.layers:
         fully_shard(layer, **shard)
     head = [model.model.norm, model.lm_head]
-    if model.lm_head.weight is model.model.embed_tokens.weight:
+    if model.lm_head.weight is model.model.embed_tokens.weight:  # a tensor can be in one group only
         head.insert(0, model.model.embed_tokens)
     else:
         fully_shard(model.model.embed_tokens, **shard)
-    # the head runs last in forward and first in backward: resharding it would only gather it again
-    fully_shard(head, reshard_after_forward=reshard_last, **shard)
-    fully_shard(model, reshard_after_forward=reshard_last, **shard)
+    fully_shard(head, reshard_after_forward=False, **shard)
+    fully_shard(model.model, **shard)
     return model
 
 
@@ -132,23 +139,23 @@ def _mp_policy(mixed_precision: bool) -> MixedPrecisionPolicy:
 
 
 def shard_model(model: nn.Module, mixed_precision: bool) -> nn.Module:
-    """FSDP2-shard a trainable causal LM (`.model.embed_tokens/.layers/.norm`, `.lm_head`) in place.
+    """FSDP2-shard a causal LM (`.model.embed_tokens/.layers/.norm`, `.lm_head`) in place.
 
     Needs the process group (`init_distributed`); the shards move to this rank's device."""
-    return _fully_shard_decoder(model, _mp_policy(mixed_precision), reshard_last=False)
+    return _fully_shard_decoder(model, _mp_policy(mixed_precision))
 
 
 def shard_teacher(model: nn.Module, mixed_precision: bool) -> nn.Module:
-    """Shard a frozen model (teacher, DPO reference) the same way: no grads, eval mode, and every
-    group resharded after forward, since no backward comes to reuse the gathered weights."""
+    """Shard a frozen model (teacher, DPO reference) the same way, with no grads, in eval mode."""
     model.requires_grad_(False).eval()
-    return _fully_shard_decoder(model, _mp_policy(mixed_precision), reshard_last=True)
+    return _fully_shard_decoder(model, _mp_policy(mixed_precision))
 
 
 def set_gradient_sync(model: nn.Module, sync: bool):
     """Reduce gradients over ranks (FSDP2) only when `sync`; a plain module always has them."""
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(sync)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_requires_gradient_sync(sync, recurse=False)
 
 
 # ---------------------------------------------------------------------------------------
