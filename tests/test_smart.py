@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from zebra.config import LlamaConfig
+from zebra.hybrid import build_student, stitch
 from zebra.llama import LlamaForCausalLM
 from zebra.smart import (kl_guided_scores, n_mla_for_kv_budget, run_smart, sensitivity_scores, structured_select,
                          swapped_model, topk_select, uniform_select)
@@ -105,16 +106,38 @@ def test_restoring_the_one_broken_layer_closes_the_gap(models):
     assert scores.sensitivity == pytest.approx(expected, abs=1e-6)
 
 
-def test_model_outside_the_llama_layout_is_refused(models):
+def test_real_hybrid_students(models):
+    """The replay works with zebra.hybrid's layers: scores equal full forwards of stitched hybrids."""
+    teacher = models[0]
+    mla = build_student(teacher, "mla", kv_rank=8, d_rope=4)
+    mamba = build_student(teacher, "mamba2")
+    batches = calibration(2)
+    scores = sensitivity_scores(teacher, mamba, mla, batches)
+    assert scores.kl_mamba == pytest.approx(slow_kl(teacher, mamba, batches), abs=1e-5)
+    assert scores.kl_mla == pytest.approx(slow_kl(teacher, mla, batches), abs=1e-5)
+    for l in range(N_LAYERS):
+        hybrid = stitch(["mla" if i == l else "mamba2" for i in range(N_LAYERS)], mla, mamba, teacher)
+        assert scores.kl_swapped[l] == pytest.approx(slow_kl(teacher, hybrid, batches), abs=1e-5), l
+
+
+class CallCounting(torch.nn.Module):
+    """A stateful layer: its output depends on how often it was called, so a replay differs."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer, self.calls = layer, 0
+
+    def forward(self, x, *args):
+        self.calls += 1
+        out, mixed = self.layer(x, *args)
+        return out * self.calls, mixed
+
+
+def test_bad_models_and_data_are_refused(models):
     teacher, mamba, mla = models
-
-    class Rescaled(LlamaForCausalLM):  # its logits are not lm_head(norm(x_L))
-        def forward(self, input_ids, cache=None):
-            return 2 * super().forward(input_ids, cache)
-
-    odd = Rescaled(mamba.config).eval()
-    odd.load_state_dict(mamba.state_dict())
-    with pytest.raises(RuntimeError, match="Llama layout"):
+    odd = copy.deepcopy(mamba)
+    odd.model.layers[1] = CallCounting(odd.model.layers[1])
+    with pytest.raises(RuntimeError, match="does not reproduce"):
         sensitivity_scores(teacher, odd, mla, calibration(1))
     with pytest.raises(ValueError, match="layers"):
         sensitivity_scores(teacher, mamba, tiny_llama(3, n_layers=4), calibration(1))

@@ -14,14 +14,17 @@ reduction of exactly the loss the KD stage will minimise; it is also mass-coveri
 any softmax student. Per-token mean rather than the KD trainer's per-sequence sum: scores do not
 depend on the sequence length (a constant factor would not change any selection).
 
-Exact and cheap (all ours): per batch, the teacher runs once and its log-probs (b l V, fp32, exact,
-full vocabulary) are kept for that batch only; M runs once with its layer inputs x_0..x_{L-1} (b l D)
-and final hidden state cached; then M_l reuses x_l (layers < l of M_l are M's, so x_l is exactly
-M_l's input there) and recomputes only A.layers[l] and M.layers[l+1:]: L(L+1)/2 layer calls per
-batch instead of L^2. Layer calls replay the extra arguments (RoPE tables, ...) that the model's own
-forward passed, captured with forward pre-hooks, so any layer signature `layer(x, ...)` works; the
-first batch checks that lm_head(norm(x_L)) reproduces the model's own logits. Peak memory is about
-3 b l V floats: choose the batch size for it.
+Exact and cheap (all ours), batch by batch: the teacher runs once per batch and its final normed
+hidden states (b l D) are kept for that batch; M runs once with its layer inputs x_0..x_{L-1}
+(b l D) cached; then M_l reuses x_l (layers < l of M_l are M's, so x_l is exactly M_l's input) and
+recomputes only A.layers[l] and M.layers[l+1:]: L(L+1)/2 layer calls per batch instead of L^2.
+Layer calls replay the other arguments (positions, RoPE tables, ...) that each model's own forward
+passed, captured with forward pre-hooks, so any layer signature `layer(x, ...)` works; the first
+batch checks that replaying M's layers reproduces M's forward. The KL is the KD stage's own
+zebra.losses.kd_loss (T = 1, full vocabulary, fp32, exact): it rebuilds both models' logits in
+chunks of positions from the hidden states and lm_head weights, so no (b l V) tensor is ever held
+(one teacher lm_head matmul per evaluated model is the price; a cached (b l V) teacher
+distribution would cost 4 b l V bytes per batch instead). Memory: (2L + 1) b l D activations.
 
 Selection of N MLA layers (N directly, or from a KV budget: N = floor(budget% * teacher KV per
 token / MLA KV per layer), teacher KV = 2 L Hk d values, MLA = r_kv + d_rope values per layer):
@@ -44,9 +47,9 @@ token / MLA KV per layer), teacher KV = 2 L Hk d values, MLA = r_kv + d_rope val
   `train_batches`, then KL(T || trained M_l) on the calibration batches; score = KL(M) - that KL.
   Differences from SMART: each candidate is trained before it is scored (L short trainings instead of
   L forward passes), and the choice is a plain top-K with no positional structure, so it may cluster.
-  Our deviations: their restored layer is the teacher's own attention (our hybrid has none); they
-  rank by the logged training loss at a chosen step, we by a held-out KL (paired: same data for
-  every l); they give token mixers a 14x higher learning rate (1e-4 vs 7e-6) and use ~200M tokens.
+  Our deviations: their restored layer is the teacher's own attention, ours A's MLA layer (the
+  kind Zebra keeps); they rank by the logged training loss at a chosen step, we by the KL on the
+  calibration batches after training (paired: the same data for every l); they give token mixers a 14x higher learning rate (1e-4 vs 7e-6) and use ~200M tokens.
   Unknown from the stored material: what "GA-S2" abbreviates, which step's loss made the released
   rankings, and the temperature and reduction of their ranking-run KL (we use T = 1, per-token mean).
 """
@@ -59,12 +62,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
 from zebra.config import LlamaConfig
+from zebra.losses import kd_loss
 
 METHODS = ("structured", "topk", "uniform", "kl_guided")
 
@@ -73,14 +76,14 @@ METHODS = ("structured", "topk", "uniform", "kl_guided")
 # KL and models
 
 
-def kl_per_token(teacher_logp: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """Forward KL(teacher || student) at every position, (b l). teacher_logp: log-probs (b l V)."""
-    student_logp = F.log_softmax(student_logits.float(), dim=-1)
-    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+def kl_sum(student_hidden, teacher_hidden, student, teacher) -> torch.Tensor:
+    """Sum over positions of KL(teacher || student), from final normed hidden states (b l D).
 
-
-def teacher_log_probs(teacher: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(teacher(input_ids).float(), dim=-1)
+    zebra.losses.kd_loss (the KD stage's loss, T = 1) builds the logits chunk by chunk, so no
+    (b l V) tensor is ever held. Its CE term is weighted 0; the targets it needs are unused."""
+    targets = torch.zeros(student_hidden.shape[:2], dtype=torch.long, device=student_hidden.device)
+    kl = kd_loss(student_hidden, teacher_hidden, student.lm_head.weight, teacher.lm_head.weight, targets).loss
+    return kl * targets.numel()
 
 
 def swapped_model(mamba_student: nn.Module, mla_student: nn.Module, mla_layers: list[int]) -> nn.Module:
@@ -95,30 +98,32 @@ def swapped_model(mamba_student: nn.Module, mla_student: nn.Module, mla_layers: 
 
 
 def _forward_capturing(model: nn.Module, input_ids: torch.Tensor):
-    """Run model(input_ids); return its logits, each layer's call (x, other args, kwargs), x_L."""
-    calls, final = [], []
+    """Final normed hidden states (b l D) of `model`, and each layer's call (x, other args, kwargs)."""
+    calls = []
     hooks = [layer.register_forward_pre_hook(lambda m, a, kw: calls.append((a[0], a[1:], kw)), with_kwargs=True)
              for layer in model.model.layers]
-    hooks.append(model.model.norm.register_forward_pre_hook(lambda m, a: final.append(a[0])))
     try:
-        logits = model(input_ids)
+        hidden = model(input_ids, return_hidden=True)
     finally:
         for h in hooks:
             h.remove()
-    if len(calls) != len(model.model.layers) or len(final) != 1:
-        raise RuntimeError("each decoder layer and model.norm must be called exactly once per forward")
-    return logits, calls, final[0]
+    if len(calls) != len(model.model.layers):
+        raise RuntimeError("smart.py assumes the Llama layout: each decoder layer called once per forward")
+    return hidden, calls
 
 
-def _layer(layer: nn.Module, x: torch.Tensor, call) -> torch.Tensor:
-    """Run `layer` on x with the other arguments of a captured call; its block output (b l D)."""
+def _call(layer: nn.Module, x: torch.Tensor, call) -> torch.Tensor:
+    """`layer` on x with the other arguments of a captured call; its block output (b l D)."""
     _, args, kwargs = call
     out = layer(x, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
-def _head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model.lm_head(model.model.norm(x))
+def _run_layers(model: nn.Module, x: torch.Tensor, calls, start: int) -> torch.Tensor:
+    """Layers start.. of `model` from x, then the final norm: (b l D)."""
+    for k in range(start, len(calls)):
+        x = _call(model.model.layers[k], x, calls[k])
+    return model.model.norm(x)
 
 
 # ---------------------------------------------------------------------------------------
@@ -179,19 +184,18 @@ def sensitivity_scores(teacher, mamba_student, mla_student, batches, n_tokens: i
     kl_swapped = [0.0] * n_layers
     for i, ids in enumerate(batches):
         ids = ids.to(device)
-        t_logp = teacher_log_probs(teacher, ids)
-        logits_m, calls_m, x_last = _forward_capturing(mamba_student, ids)
-        logits_a, calls_a, _ = _forward_capturing(mla_student, ids)
-        if i == 0 and not torch.allclose(_head(mamba_student, x_last), logits_m, rtol=1e-4, atol=1e-4):
-            raise RuntimeError("lm_head(model.norm(last layer output)) differs from the model's logits: "
-                               "smart.py assumes the Llama layout")
-        kl_m += kl_per_token(t_logp, logits_m).double().sum().item()
-        kl_a += kl_per_token(t_logp, logits_a).double().sum().item()
+        t_hidden = teacher(ids, return_hidden=True)
+        m_hidden, m_calls = _forward_capturing(mamba_student, ids)
+        a_hidden, a_calls = _forward_capturing(mla_student, ids)
+        if i == 0 and not torch.allclose(_run_layers(mamba_student, m_calls[0][0], m_calls, 0), m_hidden):
+            raise RuntimeError("replaying M's layers from its captured layer calls does not reproduce its forward: "
+                               "smart.py assumes the Llama layout and stateless layers")
+        kl_m += kl_sum(m_hidden, t_hidden, mamba_student, teacher).item()
+        kl_a += kl_sum(a_hidden, t_hidden, mla_student, teacher).item()
         for l in range(n_layers):
-            x = _layer(mla_student.model.layers[l], calls_m[l][0], calls_a[l])  # x_l of M_l is M's x_l
-            for k in range(l + 1, n_layers):
-                x = _layer(mamba_student.model.layers[k], x, calls_m[k])
-            kl_swapped[l] += kl_per_token(t_logp, _head(mamba_student, x)).double().sum().item()
+            x = _call(mla_student.model.layers[l], m_calls[l][0], a_calls[l])  # M_l's input x_l is M's
+            kl_swapped[l] += kl_sum(_run_layers(mamba_student, x, m_calls, l + 1), t_hidden, mamba_student,
+                                    teacher).item()
     n = sum(b.numel() for b in batches)
     return Scores(kl_m / n, kl_a / n, [kl / n for kl in kl_swapped], n)
 
@@ -204,8 +208,10 @@ def sensitivity_scores(teacher, mamba_student, mla_student, batches, n_tokens: i
 def mean_kl(teacher, student, batches) -> float:
     """Per-token mean KL(T || student) over `batches`, with full forwards of the student."""
     device = student.lm_head.weight.device
-    total = sum(kl_per_token(teacher_log_probs(teacher, b.to(device)), student(b.to(device))).double().sum().item()
-                for b in batches)
+    total = 0.0
+    for ids in batches:
+        ids = ids.to(device)
+        total += kl_sum(student(ids, return_hidden=True), teacher(ids, return_hidden=True), student, teacher).item()
     return total / sum(b.numel() for b in batches)
 
 
@@ -225,9 +231,9 @@ def kl_guided_scores(teacher, mamba_student, mla_student, train_batches, eval_ba
         for ids in train_batches:
             ids = ids.to(device)
             with torch.no_grad():
-                t_logp = teacher_log_probs(teacher, ids)  # recomputed per step: memory stays one batch
+                t_hidden = teacher(ids, return_hidden=True)  # recomputed per step: memory stays one batch
             with torch.enable_grad():
-                loss = kl_per_token(t_logp, model(ids)).mean()
+                loss = kl_sum(model(ids, return_hidden=True), t_hidden, model, teacher) / ids.numel()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)
@@ -345,13 +351,16 @@ def _write_atomic(path: Path, write):
 
 
 def _table(scores: Scores, guided, chosen, method) -> str:
+    s, uniform = scores.sensitivity, uniform_select(len(scores.kl_swapped), len(chosen))
     lines = [f"SMART ({method}, {len(chosen)} MLA layers, {scores.n_tokens} tokens): "
              f"KL(T||all-Mamba2) = {scores.kl_mamba:.5f}, KL(T||all-MLA) = {scores.kl_mla:.5f}",
-             "layer  KL(M with l as MLA)   s_l" + ("        kl_guided" if guided else "") + "   chosen"]
-    for l, (kl, s) in enumerate(zip(scores.kl_swapped, scores.sensitivity)):
-        extra = f"  {guided[l]:+.5f}" if guided else ""
-        lines.append(f"{l:5d}  {kl:19.5f}  {s:+.5f}{extra}   {'MLA' if l in chosen else ''}")
-    lines.append(f"MLA layers: {chosen}")
+             f"{'layer':>5}  {'KL(M with l as MLA)':>19}  {'s_l':>9}" + (f"  {'kl_guided':>9}" if guided else "")
+             + "  chosen"]
+    for l, kl in enumerate(scores.kl_swapped):
+        extra = f"  {guided[l]:+9.5f}" if guided else ""
+        lines.append(f"{l:5d}  {kl:19.5f}  {s[l]:+9.5f}{extra}  {'MLA' if l in chosen else ''}")
+    lines.append(f"MLA layers: {chosen} (sum of s_l {sum(s[l] for l in chosen):+.5f}); uniform spacing: "
+                 f"{uniform} (sum of s_l {sum(s[l] for l in uniform):+.5f})")
     return "\n".join(lines)
 
 
