@@ -242,6 +242,8 @@ def test_not_llama(tiny_dir):
     edit_config(tiny_dir, model_type="mistral")
     with pytest.raises(ValueError, match="model_type"):
         hub.load_llama(tiny_dir)
+    with pytest.raises(ValueError, match="model_type 'mistral' cannot be loaded"):
+        hub.load_model(tiny_dir)
     edit_config(tiny_dir, model_type="llama", architectures=["LlamaForSequenceClassification"])
     with pytest.raises(ValueError, match="architectures"):
         hub.load_llama(tiny_dir)

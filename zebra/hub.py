@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -158,10 +159,9 @@ class _atomic_dir:
 
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        self.tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+        # not mkdtemp: that one is private (0700), and the result must be an ordinary directory
+        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        self.tmp.mkdir()
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -216,6 +216,17 @@ def load_llama(source: str | Path, device="cpu", dtype=torch.float32) -> tuple[L
     inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
     model.model.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
     return model.eval(), Tokenizer.from_dir(path)
+
+
+def load_model(source: str | Path, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) of a directory or named source, by its config.json model_type.
+
+    The one entry point for tools that run any Zebra model (generate, evaluate); only Llama so far."""
+    path = resolve_model_dir(source)
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type == "llama":
+        return load_llama(path, device, dtype)
+    raise ValueError(f"{path / 'config.json'}: model_type {model_type!r} cannot be loaded (supported: 'llama')")
 
 
 # ---------------------------------------------------------------------------------------
