@@ -124,11 +124,12 @@ def write_model_dir(path: str | Path, config: dict, state_dict: dict[str, torch.
     tensors = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
     if config.get("tie_word_embeddings"):
         tensors.pop("lm_head.weight", None)  # it is the embedding; safetensors refuses shared storage
-    shards = [[]]
+    shards, shard_bytes = [[]], 0
     for name, t in tensors.items():
-        if shards[-1] and sum(tensors[n].nbytes for n in shards[-1]) + t.nbytes > max_shard_bytes:
-            shards.append([])
+        if shards[-1] and shard_bytes + t.nbytes > max_shard_bytes:
+            shards, shard_bytes = shards + [[]], 0
         shards[-1].append(name)
+        shard_bytes += t.nbytes
     with _atomic_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if len(shards) == 1:

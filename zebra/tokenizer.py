@@ -85,7 +85,7 @@ class Tokenizer:
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat_template (tokenizer_config.json / chat_template.jinja)")
         return self._template.render(messages=messages, tools=None, documents=None,
-                               add_generation_prompt=add_generation_prompt, **self.special_tokens)
+                                     add_generation_prompt=add_generation_prompt, **self.special_tokens)
 
     @cached_property
     def _template(self) -> jinja2.Template:
