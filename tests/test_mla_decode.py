@@ -86,6 +86,28 @@ def test_reference_is_the_mla_layers_absorbed_decode():
     assert rel_err(got, want) <= 1e-6  # attend_absorbed takes its softmax in fp32
 
 
+def test_mla_layer_decodes_through_the_kernel(monkeypatch):
+    """MLAttention's one-token decode with BACKEND "triton" == the torch absorbed path, on a
+    left-padded cache after a prefill (the wiring: pad counts read off the cache's mask)."""
+    from zebra import kernels
+
+    cfg = MLAConfig(hidden_size=32, n_heads=4, n_kv_heads=2, q_rank=0, kv_rank=16, d_nope=8,
+                    d_rope=8, v_head_dim=8)
+    torch.manual_seed(1)
+    mla = MLAttention(cfg)
+    x = torch.randn(2, 6, 32)
+    outs = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setattr(kernels, "BACKEND", backend)
+        cache = Cache([mla.new_cache(2, 8, torch.float32, "cpu")], left_pad=torch.tensor([0, 3]))
+        for chunk in (x[:, :5], x[:, 5:]):  # prefill (materialised), then one token (absorbed)
+            l = chunk.shape[1]
+            out = mla(chunk, cache.positions(l), cache.layers[0], cache.length, cache.attention_mask(l))
+            cache.advance(l)
+        outs[backend] = out
+    assert rel_err(outs["triton"], outs["torch"]) <= 1e-5
+
+
 def test_kernel_rejects_bad_inputs():
     q_lat, q_rope, c_kv, k_rope = inputs(2, 4, 16, 8, 10, seed=0)
     with pytest.raises(ValueError, match="c_kv"):

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from zebra import kernels
 from zebra.llama import RMSNorm, apply_rope, rope_cos_sin, rope_frequencies
 
 
@@ -166,10 +167,18 @@ class MLAttention(nn.Module):
         w = w.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=0)  # group g -> its query heads
         w_uk, w_uv = w.split([cfg.d_nope, cfg.v_head_dim], dim=1)  # (H d_nope r), (H d_v r)
         q_latent = torch.einsum("bhld,hdr->bhlr", q_nope, w_uk)
-        scores = torch.einsum("bhlr,btr->bhlt", q_latent, c_kv) + torch.einsum("bhld,btd->bhlt", q_rope, k_rope)
-        scores = scores * self.scale
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.float().softmax(dim=-1).to(c_kv.dtype)
-        context = torch.einsum("bhlt,btr->bhlr", probs, c_kv)
+        if kernels.BACKEND == "triton" and q_latent.shape[2] == 1:  # zebra/kernels/mla_decode.py
+            from zebra.kernels.mla_decode import mla_decode
+
+            # Cache.attention_mask hides each row's pad slots, a prefix of the keys: count them
+            pads = (~mask[:, 0, -1]).sum(-1) if mask is not None else c_kv.new_zeros(c_kv.shape[0], dtype=torch.long)
+            context = mla_decode(q_latent[:, :, 0], q_rope[:, :, 0], c_kv, k_rope, pads, c_kv.shape[1],
+                                 self.scale)[:, :, None]
+        else:
+            scores = torch.einsum("bhlr,btr->bhlt", q_latent, c_kv) + torch.einsum("bhld,btd->bhlt", q_rope, k_rope)
+            scores = scores * self.scale
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            probs = scores.float().softmax(dim=-1).to(c_kv.dtype)
+            context = torch.einsum("bhlt,btr->bhlr", probs, c_kv)
         return torch.einsum("bhlr,hvr->bhlv", context, w_uv)
