@@ -67,6 +67,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert latest_checkpoint(ckpts).name == "step-00000004"
 
     resumed = run(tmp_path / "cut", max_steps=10, seed=1, ckpt_interval=4)  # seed 1: weights must come from disk
+    assert not (ckpts / ".step-00000006.tmp").exists()  # cleared by the next save
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
     assert strip(read_rows(tmp_path / "cut/metrics.jsonl")) == strip(read_rows(tmp_path / "whole/metrics.jsonl"))
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):

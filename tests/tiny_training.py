@@ -100,7 +100,6 @@ def main(out: str, batch_size: int, grad_accum: int, max_steps: int, tied: bool)
     from zebra.trainer import TrainConfig, train
 
     info = init_distributed()
-    torch.use_deterministic_algorithms(True)
     model = shard_model(tiny_model(seed=0, tied=tied), mixed_precision=False)
     teacher = shard_teacher(tiny_model(seed=1, tied=tied), mixed_precision=False)
     cfg = TrainConfig(max_steps=max_steps, lr=3e-3, warmup_steps=2, batch_size=batch_size,

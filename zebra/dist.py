@@ -196,8 +196,9 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, train_sta
     """Write step `step` atomically (collective: every rank calls it) and prune old steps."""
     out, rank = Path(out), get_rank()
     final, tmp = out / f"step-{step:08d}", out / f".step-{step:08d}.tmp"
-    if rank == 0 and tmp.exists():  # left by a crash
-        shutil.rmtree(tmp)
+    if rank == 0:  # unfinished steps left by a crash
+        for stale in out.glob(".step-*.tmp"):
+            shutil.rmtree(stale)
     barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=not dist.is_initialized())

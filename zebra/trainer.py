@@ -38,7 +38,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from zebra.dist import get_rank, latest_checkpoint, load_checkpoint, save_checkpoint, set_gradient_sync
+from zebra.dist import get_rank, latest_checkpoint, load_checkpoint, print0, save_checkpoint, set_gradient_sync
 
 
 @dataclass
@@ -93,6 +93,8 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not norms or biases), as nanoGPT; fused on GPU."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("make_optimizer: the model has no trainable parameters (all requires_grad=False)")
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -135,6 +137,7 @@ def train(model: nn.Module, loss_fn: Callable, batches, cfg: TrainConfig, out_di
     state = {"step": 0, "tokens": 0, "data": batches.state_dict()}
     last = latest_checkpoint(ckpt_dir)
     if last is not None:
+        print0(f"{stage}: resuming from {last}")
         state = load_checkpoint(last, model, optimizer)
         batches.load_state_dict(state["data"])
     if is_main:
