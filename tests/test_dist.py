@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_training import ToyBatches, ce_loss, hf_writer, kd_loss_fn, one_thread, read_rows, tiny_model  # noqa: F401
+from tiny_training import ToyBatches, ce_loss, hf_writer, ild_loss_fn, kd_loss_fn, one_thread, read_rows, tiny_model  # noqa: F401
 from zebra import dist as zdist
 from zebra.hub import read_model_dir
 from zebra.trainer import TrainConfig, make_optimizer, train
@@ -26,36 +26,36 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_two_ranks_match_one_process_and_checkpoint_reshards(tmp_path):
-    """KD (body hidden states + raw lm_head weights) from a sharded teacher, tied embeddings;
-    2 ranks x 1 row x 2 micro-steps (gradient sync on the last only) = the 1-process batch of 4."""
+    """The stages' call patterns under FSDP2 with tied embeddings and a sharded teacher: KD (the
+    body's hidden states + raw lm_head weights) and ILD (layers called one by one). 2 ranks x 1 row
+    x 2 micro-steps (gradient sync on the last only) = the 1-process batch of 4 rows."""
     steps, two, one = 6, tmp_path / "two", tmp_path / "one"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            str(WORKER), str(two), "1", "2", str(steps), "tied"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
 
-    model, teacher = tiny_model(seed=0, tied=True), tiny_model(seed=1, tied=True).requires_grad_(False)
+    teacher = tiny_model(seed=1, tied=True).requires_grad_(False)
     cfg = TrainConfig(max_steps=steps, lr=3e-3, warmup_steps=2, batch_size=4, ckpt_interval=4, keep_last=5)
-    train(model, kd_loss_fn(teacher), ToyBatches(4), cfg, one, stage="test")
-    rows1, rows2 = read_rows(one / "metrics.jsonl"), read_rows(two / "metrics.jsonl")
-    assert [r["step"] for r in rows2] == list(range(1, steps + 1))
-    for r1, r2 in zip(rows1, rows2):
-        assert r2["tokens"] == r1["tokens"] and r2["lr"] == r1["lr"]
-        for key in ("loss", "kl", "ce"):
-            assert abs(r2[key] - r1[key]) < 1e-5, (r1["step"], key, r1[key], r2[key])
-        assert abs(r2["grad_norm"] - r1["grad_norm"]) < 1e-5, (r1["step"], r1["grad_norm"], r2["grad_norm"])
+    for stage, make_loss in (("kd", kd_loss_fn), ("ild", ild_loss_fn)):
+        model = tiny_model(seed=0, tied=True)
+        train(model, make_loss(teacher), ToyBatches(4), cfg, one / stage, stage=stage)
+        rows1, rows2 = read_rows(one / stage / "metrics.jsonl"), read_rows(two / stage / "metrics.jsonl")
+        assert [r["step"] for r in rows2] == list(range(1, steps + 1))
+        for r1, r2 in zip(rows1, rows2):
+            assert r2["tokens"] == r1["tokens"] and r2["lr"] == r1["lr"]
+            for key in ("loss", "grad_norm", *(("kl", "ce") if stage == "kd" else ())):
+                assert abs(r2[key] - r1[key]) < 1e-5, (stage, r1["step"], key, r1[key], r2[key])
 
-    # export_hf gathered full tensors; the sharded checkpoint loads into one unsharded process
-    config, exported = read_model_dir(two / "model")
-    assert config["tie_word_embeddings"] and exported["model.embed_tokens.weight"].shape == (64, 32)
-    fresh = tiny_model(seed=1, tied=True)
-    state = zdist.load_checkpoint(zdist.latest_checkpoint(two / "checkpoints"), fresh, make_optimizer(fresh, cfg))
-    assert state["step"] == steps and state["data"] == {"epoch": 0, "index": 4 * steps}
-    for name, tensor in fresh.state_dict().items():
-        if name == "lm_head.weight":  # tied: stored once, as the embedding
-            continue
-        assert torch.equal(tensor, exported[name]), name
-        torch.testing.assert_close(tensor, model.state_dict()[name], rtol=0, atol=1e-5)
+        # export_hf gathered full tensors; the sharded checkpoint loads into one unsharded process
+        config, exported = read_model_dir(two / stage / "model")
+        assert config["tie_word_embeddings"] and "lm_head.weight" not in exported  # stored once, as the embedding
+        fresh = tiny_model(seed=2, tied=True)
+        state = zdist.load_checkpoint(zdist.latest_checkpoint(two / stage / "checkpoints"), fresh, make_optimizer(fresh, cfg))
+        assert state["step"] == steps and state["data"] == {"epoch": 0, "index": 4 * steps}
+        for name, tensor in exported.items():
+            assert torch.equal(fresh.state_dict()[name], tensor), (stage, name)
+            torch.testing.assert_close(tensor, model.state_dict()[name], rtol=0, atol=1e-5)
 
 
 def test_single_process_group_runs_fsdp(tmp_path, monkeypatch):

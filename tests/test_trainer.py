@@ -1,12 +1,13 @@
 """The training loop on one CPU process, fp32: lr schedule, learning, kill-and-resume, NaN guard."""
 
+import functools
 import math
 import shutil
 
 import pytest
 import torch
 
-from tiny_training import ToyBatches, ce_loss, one_thread, read_rows, tiny_model  # noqa: F401
+from tiny_training import ToyBatches, ce_loss, ild_loss_fn, one_thread, read_rows, tiny_model  # noqa: F401
 from zebra.config import load_yaml
 from zebra.dist import latest_checkpoint, step_dirs
 from zebra.trainer import TrainConfig, get_lr, train
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 TIMING = ("tokens_per_s", "ms")  # wall-clock fields: the only ones allowed to differ between runs
 
 
-def run(out, max_steps, stop_after=None, seed=0, loss_fn=ce_loss, **cfg):
+def run_steps(out, max_steps, stop_after=None, seed=0, loss_fn=ce_loss, **cfg):
     model = tiny_model(seed)
     cfg = TrainConfig(max_steps=max_steps, **{"lr": 3e-3, "warmup_steps": 2, "batch_size": 4, **cfg})
     train(model, loss_fn, ToyBatches(cfg.batch_size), cfg, out, stage="test", stop_after=stop_after)
@@ -46,7 +47,7 @@ def test_config_from_yaml_is_strict(tmp_path):
 
 
 def test_loss_falls(tmp_path):
-    run(tmp_path, max_steps=30, lr=1e-2, ckpt_interval=30)
+    run_steps(tmp_path, max_steps=30, lr=1e-2, ckpt_interval=30)
     rows = read_rows(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 31))
     assert rows[0]["loss"] == pytest.approx(math.log(64), rel=0.1)  # a random init predicts ~uniformly
@@ -54,7 +55,10 @@ def test_loss_falls(tmp_path):
     assert rows[-1]["tokens"] == 30 * 4 * 16
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("loss", ["ce", "ild"])  # ILD: embeddings and head get no gradient, so no AdamW state
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, loss):
+    loss_fn = ce_loss if loss == "ce" else ild_loss_fn(tiny_model(seed=5).requires_grad_(False))
+    run = functools.partial(run_steps, loss_fn=loss_fn)
     whole = run(tmp_path / "whole", max_steps=10, ckpt_interval=4, keep_last=2)
     assert [s for s, _ in step_dirs(tmp_path / "whole/checkpoints")] == [8, 10]  # keep_last pruned step 4
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from zebra.config import LlamaConfig
 from zebra.hub import write_model_dir
-from zebra.llama import LlamaForCausalLM
-from zebra.losses import kd_loss
+from zebra.llama import LlamaForCausalLM, rope_cos_sin
+from zebra.losses import ild_loss, kd_loss
 
 VOCAB, SEQ = 64, 16
 
@@ -85,6 +85,22 @@ def kd_loss_fn(teacher):
     return loss_fn
 
 
+def ild_loss_fn(teacher):
+    """The ILD stage's call pattern: each student layer called alone on the teacher's layer input."""
+    def loss_fn(model, batch):
+        ids = batch["input_ids"]
+        teacher_states = []
+        with torch.no_grad():
+            teacher.model(ids, hidden_states=teacher_states)
+        positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
+        cos, sin = rope_cos_sin(model.model.inv_freq, positions)
+        outs = [layer(x, cos, sin) for layer, (x, _, _) in zip(model.model.layers, teacher_states)]
+        loss = ild_loss([o for o, _ in outs], [o for _, o, _ in teacher_states],
+                        [a for _, a in outs], [a for _, _, a in teacher_states])
+        return loss, {}
+    return loss_fn
+
+
 def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
@@ -95,18 +111,20 @@ def hf_writer(model):
 
 
 def main(out: str, batch_size: int, grad_accum: int, max_steps: int, tied: bool):
-    """torchrun worker: FSDP2-train the tiny model by KD from a sharded teacher, checkpoint, export."""
+    """torchrun worker: FSDP2-train tiny students from a sharded teacher by KD and by ILD, each
+    checkpointed and exported into out/<stage>."""
     from zebra.dist import cleanup, export_hf, init_distributed, shard_model, shard_teacher
     from zebra.trainer import TrainConfig, train
 
     info = init_distributed()
-    model = shard_model(tiny_model(seed=0, tied=tied), mixed_precision=False)
     teacher = shard_teacher(tiny_model(seed=1, tied=tied), mixed_precision=False)
     cfg = TrainConfig(max_steps=max_steps, lr=3e-3, warmup_steps=2, batch_size=batch_size,
                       grad_accum=grad_accum, ckpt_interval=4, keep_last=5)
-    batches = ToyBatches(batch_size, info.rank, info.world_size)
-    train(model, kd_loss_fn(teacher), batches, cfg, out, stage="test")
-    export_hf(model, Path(out) / "model", hf_writer(model))
+    for stage, make_loss in (("kd", kd_loss_fn), ("ild", ild_loss_fn)):
+        model = shard_model(tiny_model(seed=0, tied=tied), mixed_precision=False)
+        batches = ToyBatches(batch_size, info.rank, info.world_size)
+        train(model, make_loss(teacher), batches, cfg, Path(out) / stage, stage=stage)
+        export_hf(model, Path(out) / stage / "model", hf_writer(model))
     cleanup()
 
 

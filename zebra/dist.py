@@ -224,9 +224,15 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
     model_state, optim_state = get_state_dict(model, optimizer)
+    # AdamW makes a parameter's state at its first gradient, so parameters that had none yet (the
+    # embeddings and head in ILD) have none on disk: they start without one, as they would have
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    optim_state["state"] = {fqn: s for fqn, s in optim_state["state"].items() if f"optim.state.{fqn}.step" in saved}
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # strict=False lets those parameters be stateless; dcp.load has already demanded every model key
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
     rng_file = path / f"rng-rank{get_rank()}.pt"
     if rng_file.is_file():  # absent when resuming on more ranks than saved: those keep their seed
         with open(rng_file, "rb") as f:
