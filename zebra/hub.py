@@ -179,16 +179,30 @@ class _atomic_dir:
         return False
 
 
-def check_state_dict(expected: dict[str, torch.Size], state_dict: dict[str, torch.Tensor], where: str):
-    """ValueError naming `where` and the tensors unless names and shapes equal `expected`."""
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
+def check_shapes(expected: dict[str, tuple], found: dict[str, tuple], where: str):
+    """ValueError naming `where` and the tensors unless the names and shapes `found` equal `expected`."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{where}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
     for name, shape in expected.items():
-        if state_dict[name].shape != shape:
-            raise ValueError(f"{where}: tensor {name} has shape {tuple(state_dict[name].shape)}, "
-                             f"config.json implies {tuple(shape)}")
+        if tuple(found[name]) != tuple(shape):
+            raise ValueError(f"{where}: tensor {name} has shape {tuple(found[name])}, "
+                             f"the config implies {tuple(shape)}")
+
+
+def check_state_dict(expected: dict[str, tuple], state_dict: dict[str, torch.Tensor], where: str):
+    """check_shapes on the tensors of a state dict."""
+    check_shapes(expected, {name: t.shape for name, t in state_dict.items()}, where)
+
+
+def llama_shapes(config: LlamaConfig) -> dict[str, tuple]:
+    """Stored tensor name -> shape of a Llama checkpoint (no lm_head.weight when it is tied)."""
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        del shapes["lm_head.weight"]
+    return shapes
 
 
 def load_llama(source: str | Path, device="cpu", dtype=torch.float32) -> tuple[LlamaForCausalLM, Tokenizer]:
@@ -202,14 +216,12 @@ def load_llama(source: str | Path, device="cpu", dtype=torch.float32) -> tuple[L
     if "LlamaForCausalLM" not in architectures:
         raise ValueError(f"{path / 'config.json'}: architectures is {architectures}, expected LlamaForCausalLM")
     config = LlamaConfig.from_dict(config_dict, source=str(path / "config.json"))
+    if config.tie_word_embeddings:  # lm_head is the embedding; a stored copy is ignored, as in transformers
+        state_dict.pop("lm_head.weight", None)
+    check_state_dict(llama_shapes(config), state_dict, str(path))
+    state_dict = {name: t.to(device=device, dtype=dtype) for name, t in state_dict.items()}
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
-    if config.tie_word_embeddings:  # lm_head is the embedding; a stored copy is ignored, as in transformers
-        del expected["lm_head.weight"]
-        state_dict.pop("lm_head.weight", None)
-    check_state_dict(expected, state_dict, str(path))
-    state_dict = {name: t.to(device=device, dtype=dtype) for name, t in state_dict.items()}
     model.load_state_dict(state_dict, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -301,20 +313,19 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         eos_token_id=special_ids["eos_token"],
     )
 
+    hf_names = {t.name: _hf_name(t.name, str(gguf_path)) for t in reader.tensors}
+    shapes = {hf_names[t.name]: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}  # ggml: fastest dim first
+    check_shapes(llama_shapes(config), shapes, str(gguf_path))
+
     state_dict = {}
     for t in reader.tensors:
-        name = _hf_name(t.name, str(gguf_path))
+        name = hf_names[t.name]
         w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))  # a copy
         if ".q_proj." in name:
             w = unpermute_qk(w, config.num_attention_heads)
         elif ".k_proj." in name:
             w = unpermute_qk(w, config.num_key_value_heads)
-        state_dict[name] = w
-    with torch.device("meta"):
-        expected = {n: p.shape for n, p in LlamaForCausalLM(config).state_dict().items()}
-    if config.tie_word_embeddings:
-        del expected["lm_head.weight"]
-    check_state_dict(expected, state_dict, str(gguf_path))
+        state_dict[name] = w.reshape(shapes[name])
 
     add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
     special = {name: tokens[i] for name, i in special_ids.items() if i is not None}
