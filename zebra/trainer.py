@@ -17,7 +17,8 @@ the micro-batch) and a dict of floats to log (e.g. {"kl": .., "ce": ..}); ILD, K
 only there. A teacher or reference model is closed over by the loss_fn.
 
 Outputs in `out_dir`: `metrics.jsonl`, one row per logged step
-    {step, loss, <parts>, lr, grad_norm, tokens, tokens_per_s, ms}   (means over ranks and micro-steps)
+    {step, loss, <parts>, lr, grad_norm, tokens, tokens_per_s, ms}
+(loss and parts: means over ranks and micro-steps; tokens: all ranks', since the start)
 and `checkpoints/step-N/` (zebra.dist). A run that finds a complete checkpoint resumes from the
 newest one: weights, optimizer, step, data position and RNG, and metrics rows after that step are
 dropped; so an interrupted and resumed run reproduces the uninterrupted one exactly (CPU, fp32).
