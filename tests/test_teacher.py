@@ -10,14 +10,9 @@ from transformers.integrations.gguf.reader import GgufHeader, load_gguf_state_di
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from zebra.generate import generate
-from zebra.hub import fetch_gguf, load_llama, read_model_dir, resolve_model_dir
+from zebra.hub import fetch_gguf, load_llama, read_model_dir
 
 CHAT = [{"role": "user", "content": "Write a short poem about the sea."}]
-
-
-@pytest.fixture(scope="module")
-def teacher_dir():
-    return resolve_model_dir("smollm2-135m-instruct")  # converted once, cached in $ZEBRA_CACHE
 
 
 @pytest.fixture(scope="module")

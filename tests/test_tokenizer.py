@@ -6,7 +6,7 @@ import jinja2
 import pytest
 import transformers
 
-from zebra.hub import fetch_gguf, resolve_model_dir
+from zebra.hub import fetch_gguf
 from zebra.tokenizer import Tokenizer
 
 TEXTS = [
@@ -27,11 +27,6 @@ CHATS = [
     [{"role": "user", "content": "Hi 😀"}, {"role": "assistant", "content": "Hello!\nHow can I help?"},
      {"role": "user", "content": "Write `print(1)` in Python."}],
 ]
-
-
-@pytest.fixture(scope="module")
-def teacher_dir():
-    return resolve_model_dir("smollm2-135m-instruct")  # converted once, cached in $ZEBRA_CACHE
 
 
 @pytest.fixture(scope="module")
