@@ -183,7 +183,8 @@ def test_gguf_import_recovers_hf_weights(tmp_path, tied, heads, kv_heads):
         assert torch.equal(t, sd2[name]), name
 
 
-TEXTS = ["hello the world", " the  thello\n\n<|im_start|>user\nhi<think>x<|im_end|>", "héllo wörld 😀 ∑", "x=1;\ty = 22"]
+TEXTS = ["hello the world", " the  thello\n\n<|im_start|>user\nhi<think>x<|im_end|>", "héllo wörld 😀 ∑",
+         "x=1;\ty = 22"]
 
 
 def test_gguf_tokenizer_matches_transformers_gguf_tokenizer(tmp_path):

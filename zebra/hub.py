@@ -234,12 +234,16 @@ def load_llama(source: str | Path, device="cpu", dtype=torch.float32) -> tuple[L
 def load_model(source: str | Path, device="cpu", dtype=torch.float32):
     """(model, tokenizer) of a directory or named source, by its config.json model_type.
 
-    The one entry point for tools that run any Zebra model (generate, evaluate); only Llama so far."""
+    The one entry point for tools that run any Zebra model (generate, evaluate)."""
     path = resolve_model_dir(source)
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type == "llama":
         return load_llama(path, device, dtype)
-    raise ValueError(f"{path / 'config.json'}: model_type {model_type!r} cannot be loaded (supported: 'llama')")
+    if model_type == "zebra":
+        from zebra.hybrid import from_pretrained  # the hybrid builds on this module
+
+        return from_pretrained(path, device, dtype), Tokenizer.from_dir(path)
+    raise ValueError(f"{path / 'config.json'}: model_type {model_type!r} cannot be loaded (supported: 'llama', 'zebra')")
 
 
 # ---------------------------------------------------------------------------------------
@@ -314,7 +318,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     )
 
     hf_names = {t.name: _hf_name(t.name, str(gguf_path)) for t in reader.tensors}
-    shapes = {hf_names[t.name]: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}  # ggml: fastest dim first
+    # ggml lists the fastest-moving dimension first, torch last
+    shapes = {hf_names[t.name]: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
     check_shapes(llama_shapes(config), shapes, str(gguf_path))
 
     state_dict = {}
@@ -329,7 +334,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
     add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
     special = {name: tokens[i] for name, i in special_ids.items() if i is not None}
-    backend = byte_level_bpe(tokens, _field(reader, "tokenizer.ggml.merges"), _field(reader, "tokenizer.ggml.token_type"),
+    backend = byte_level_bpe(tokens, _field(reader, "tokenizer.ggml.merges"),
+                             _field(reader, "tokenizer.ggml.token_type"),
                              bos_token=special["bos_token"] if add_bos else None)
     tokenizer = Tokenizer(backend, special, _field(reader, "tokenizer.chat_template"))
     with tempfile.TemporaryDirectory() as tok_dir:
