@@ -16,7 +16,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 
 KERNELS = ("_dt_cumsum_kernel", "_states_fwd_kernel", "_output_fwd_kernel", "_dstates_bwd_kernel",
-           "_chunk_bwd_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel", "_conv_step_kernel",
+           "_chunk_bwd_dx_kernel", "_chunk_bwd_dbc_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel", "_conv_step_kernel",
            "_ssd_step_kernel")
 TARGETS = {("hip", "gfx942", 64): ("amdgcn", "hsaco"), ("cuda", 90, 32): ("ptx", "cubin")}
 
