@@ -11,11 +11,13 @@
 3. Scores the same rows with our Llama and zebra.eval.harness (in this process, float32).
 4. Prints a Markdown table (metric in points, |diff|) plus the largest per-request |log-likelihood|
    difference, and exits 1 if any metric differs by more than --tolerance points.
-Steps 2 and 3 can run separately (--skip-lm-eval / --skip-ours) and be compared afterwards.
+Steps 2 and 3 can run side by side (one with --skip-ours, one with --skip-lm-eval); a run with
+both flags only compares the saved results.
 """
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,12 +34,13 @@ OUT = ROOT / "runs" / "lm_eval_parity"  # the yamls read OUT/data/<task>.jsonl (
 
 
 def write_data(tasks, data_dir: str, limit: int | None):
+    """Atomically (temp + rename): an lm-eval run and ours may start side by side."""
     (OUT / "data").mkdir(parents=True, exist_ok=True)
     for task in tasks:
         rows, _ = load_rows(task, data_dir, limit)
-        with open(OUT / "data" / f"{task.name}.jsonl", "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        tmp = OUT / "data" / f"{task.name}.jsonl.{os.getpid()}"
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        os.replace(tmp, OUT / "data" / f"{task.name}.jsonl")
 
 
 def run_lm_eval(lm_eval: str, model_dir: Path, tasks, device: str, batch_size: int):
@@ -48,26 +51,25 @@ def run_lm_eval(lm_eval: str, model_dir: Path, tasks, device: str, batch_size: i
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def lm_eval_results() -> tuple[dict, dict]:
-    """{task: {metric: value}} and {task: [(pairs, lls) per doc]} from the newest lm-eval output."""
-    files = sorted((OUT / "lm_eval").rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise SystemExit(f"no lm-eval results under {OUT / 'lm_eval'}: run without --skip-lm-eval first")
-    results = json.loads(files[-1].read_text())["results"]
-    metrics, lls = {}, {}
-    for name, m in results.items():
-        task = name.removeprefix("zebra_")
-        metrics[task] = {k.split(",")[0]: v for k, v in m.items() if k.endswith(",none")}
-        samples = sorted(files[-1].parent.glob(f"samples_{name}_*.jsonl"), key=lambda p: p.stat().st_mtime)
-        docs = [json.loads(line) for line in open(samples[-1])]
-        lls[task] = [([list(a.values()) for a in d["arguments"].values()], [float(r[0][0]) for r in d["resps"]])
+def lm_eval_results(task: str) -> tuple[dict, list]:
+    """{metric: value} and [(request pairs, lls) per doc] of the newest lm-eval run of `task`."""
+    name = f"zebra_{task}"
+    files = sorted((OUT / "lm_eval").rglob("results_*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for f in files:
+        results = json.loads(f.read_text())["results"]
+        if name in results:
+            break
+    else:
+        raise SystemExit(f"no lm-eval results for {task} under {OUT / 'lm_eval'}: run without --skip-lm-eval first")
+    metrics = {k.split(",")[0]: v for k, v in results[name].items() if k.endswith(",none")}
+    stamp = f.stem.removeprefix("results_")
+    docs = [json.loads(line) for line in open(f.parent / f"samples_{name}_{stamp}.jsonl")]
+    return metrics, [([list(a.values()) for a in d["arguments"].values()], [float(r[0][0]) for r in d["resps"]])
                      for d in sorted(docs, key=lambda d: d["doc_id"])]
-    return metrics, lls
 
 
-def run_ours(model_source, tasks, device, batch_size) -> dict:
+def run_ours(model_source, tasks, device, batch_size):
     model, tokenizer = load_llama(model_source, device=device, dtype=torch.float32)
-    out = {}
     for task in tasks:  # the rows lm-eval reads, formatted by our task code
         t0 = time.time()
         docs = [task.to_doc(json.loads(line)) for line in open(OUT / "data" / f"{task.name}.jsonl")]
@@ -77,21 +79,18 @@ def run_ours(model_source, tasks, device, batch_size) -> dict:
         for d in docs:
             per_doc.append(flat[k:k + len(d.pairs)])
             k += len(d.pairs)
-        out[task.name] = {"metrics": score_docs(task, docs, per_doc), "lls": [[ll for ll, _ in r] for r in per_doc],
-                          "pairs": [d.pairs for d in docs],
-                          "seconds": time.time() - t0}
-    (OUT / "zebra.json").write_text(json.dumps(out))
-    return out
+        out = {"metrics": score_docs(task, docs, per_doc), "lls": [[ll for ll, _ in r] for r in per_doc],
+               "pairs": [d.pairs for d in docs], "seconds": time.time() - t0}
+        (OUT / f"zebra_{task.name}.json").write_text(json.dumps(out))
 
 
 def compare(tasks, tolerance: float) -> bool:
-    ref_metrics, ref_lls = lm_eval_results()
-    ours = json.loads((OUT / "zebra.json").read_text())
     print("| task | n | metric | lm-eval | zebra | abs diff | same request strings | max abs diff log-lik |")
     print("|---|---|---|---|---|---|---|---|")
     ok = True
     for task in tasks:
-        ref, mine = ref_lls[task.name], ours[task.name]
+        ref_metrics, ref = lm_eval_results(task.name)
+        mine = json.loads((OUT / f"zebra_{task.name}.json").read_text())
         if len(ref) != len(mine["lls"]):
             raise SystemExit(f"{task.name}: lm-eval scored {len(ref)} docs, zebra {len(mine['lls'])}")
         same = sum(pairs == [list(p) for p in ours_pairs] for (pairs, _), ours_pairs in zip(ref, mine["pairs"]))
@@ -99,7 +98,7 @@ def compare(tasks, tolerance: float) -> bool:
         ok &= same == len(ref)
         for metric in task.metrics:
             scale = 1 if metric == "perplexity" else 100
-            a, b = ref_metrics[task.name][metric] * scale, mine["metrics"][metric] * scale
+            a, b = ref_metrics[metric] * scale, mine["metrics"][metric] * scale
             ok &= abs(a - b) <= tolerance if metric != "perplexity" else abs(a - b) / a <= 1e-3
             print(f"| {task.name} | {len(ref)} | {metric} | {a:.2f} | {b:.2f} | {abs(a - b):.2f} | "
                   f"{same}/{len(ref)} | {max_dll:.1e} |")
@@ -130,7 +129,8 @@ def main():
         t0 = time.time()
         run_ours(model_dir, tasks, args.device, args.batch_size)
         print(f"zebra: {time.time() - t0:.0f} s", flush=True)
-    sys.exit(0 if compare(tasks, args.tolerance) else 1)
+    if args.skip_lm_eval == args.skip_ours:  # both ran here, or both skipped: compare
+        sys.exit(0 if compare(tasks, args.tolerance) else 1)
 
 
 if __name__ == "__main__":

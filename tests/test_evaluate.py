@@ -257,7 +257,7 @@ def reference_loglikelihood(hf_model, ctx, cont):
 
 def test_batched_equals_unbatched_equals_transformers(tokenizer, hf_model):
     model = lambda ids: hf_model(ids).logits  # noqa: E731
-    requests = [encode_pair(tokenizer, c, x) for name in ("piqa", "boolq", "winogrande")
+    requests = [encode_pair(tokenizer, c, x) for name in ("piqa", "arc_easy", "winogrande")
                 for d in docs_of(name) for c, x in d.pairs]
     batched = loglikelihoods(model, requests, batch_size=5)
     single = loglikelihoods(model, requests, batch_size=1)
@@ -328,3 +328,57 @@ def test_perplexity_sliding_window(hf_model):
     with pytest.raises(ValueError, match="stride"):
         perplexity(model, ids, max_length=8, stride=16)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache, throughput, reports
+
+
+def tiny_llama():
+    from zebra.config import LlamaConfig
+    from zebra.llama import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_kv_cache_report_teacher():
+    from zebra.config import LlamaConfig
+    from zebra.eval.speed import kv_cache_report
+
+    model = tiny_llama()
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64: 2 * 30 * 3 * 64 * 2 bytes = 23040 bytes per token
+    smollm2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                          num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+    rep = kv_cache_report(model, smollm2, contexts=[100, 1000], batch=3)
+    assert rep["bytes_per_token"] == 2 * 2 * 2 * 8 * 2 and rep["teacher_bytes_per_token"] == 23040
+    assert rep["percent_of_teacher"] == pytest.approx(100 * 128 / 23040)
+    assert rep["totals"][1] == {"batch": 3, "context": 1000, "bytes": 3 * 1000 * 128, "teacher_bytes": 3 * 1000 * 23040}
+    assert kv_cache_report(model, model.config, [8], 1)["percent_of_teacher"] == 100.0
+
+
+def test_throughput_and_reports(tmp_path):
+    from zebra.eval import report
+    from zebra.eval.speed import throughput
+
+    point = throughput(tiny_llama(), batch=2, context=16, steps=4, repeats=2)
+    assert point["prefill_tok_s"] == pytest.approx(2 * 16 / point["prefill_s"])
+    assert point["decode_tok_s"] == pytest.approx(2 * 4 / point["decode_s"])
+    teacher = {"model": "teacher", "tasks": {"piqa": {"acc": 0.7, "acc_stderr": 0.01, "acc_norm": 0.71,
+                                                      "acc_norm_stderr": 0.01, "n": 10},
+                                             "winogrande": {"acc": 0.5, "acc_stderr": 0.02, "n": 10}},
+               "kv_cache": {"bytes_per_token": 100, "percent_of_teacher": 100.0}, "throughput": [point]}
+    student = {**teacher, "model": "student", "kv_cache": {"bytes_per_token": 5, "percent_of_teacher": 5.0}}
+    report.write_json(tmp_path / "t.json", teacher)
+    report.write_json(tmp_path / "s.json", student)
+    table = report.markdown_table(report.read_results([tmp_path / "t.json", tmp_path / "s.json"]))
+    assert "| | teacher | student |" in table
+    assert "| piqa acc_norm * (n=10) | 71.00 ± 1.00 | 71.00 ± 1.00 |" in table
+    assert "**60.50**" in table  # mean of piqa acc_norm and winogrande acc
+    assert "| KV % of teacher | 100.00% | 5.00% |" in table
+    report.plot([teacher, student], tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="results file"):
+        report.read_results([tmp_path / "missing.json"])
