@@ -1,0 +1,252 @@
+"""Decode throughput and memory: our Llama, the Zebra hybrids, all-Mamba2, all-MLA and HF
+transformers' generate, at Llama-3.2-1B shapes with random weights, bf16.
+
+    python bench/decode.py [--quick] [--official]
+
+Models (configs/shapes/llama-3.2-1b.json; MLA q_rank, kv_rank, d_rope and layers from
+configs/llama-3.2-1b-{8mla8m2,4mla12m2}.yaml, zebra.hybrid.student_config):
+    llama       zebra.llama.LlamaForCausalLM (GQA KV cache, SDPA)
+    8mla-8m2    hybrid, MLA at layers 0,2,..,14, Mamba2 elsewhere
+    4mla-12m2   hybrid, MLA at layers 0,5,10,14
+    all-mamba2, all-mla
+    hf          transformers LlamaForCausalLM (sdpa, DynamicCache), .generate
+
+Ours, per (batch b, context T): model.new_cache(b, T + steps + 1) filled with random values as if
+T tokens had been prefilled (a decode step's cost does not depend on the values, and no prefill
+time is spent), then `steps` greedy one-token forwards timed with CUDA events: 1 warm-up run,
+`repeats` timed runs, median. `graph ms` is the same step at the fixed length T captured once
+in a CUDA graph and replayed (each replay rewrites slot T): the step without Python and launch
+overhead, what a captured decode loop reaches. HF: generate(T random prompt tokens) with
+max_new_tokens = 1 and 1 + steps (min_new_tokens equal, so no EOS stops it); decode time is the
+difference, the prefill cancels.
+Memory: peak allocated during decoding (weights + cache + activations) and the cache itself.
+Roofline: bytes per step = every weight once + the cache read (KV / latents up to T, Mamba2
+states read and written); % of the copy bandwidth measured in this run.
+--official: the paper's protocol (batch 48, prompt P in {4k, 8k, 16k, 32k}, 1024 generated
+tokens), generated tokens/s end to end (prefill + decode), ours vs HF generate.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import copy_bandwidth, print_header, table_header, table_row  # noqa: E402
+from zebra.config import LlamaConfig  # noqa: E402
+from zebra.hybrid import ZebraForCausalLM, student_config  # noqa: E402
+from zebra.llama import KVCache, LlamaForCausalLM  # noqa: E402
+from zebra.mamba2 import Mamba2Cache  # noqa: E402
+from zebra.mla import MLACache  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE = os.path.join(ROOT, "configs/shapes/llama-3.2-1b.json")
+HYBRIDS = {"8mla-8m2": "configs/llama-3.2-1b-8mla8m2.yaml", "4mla-12m2": "configs/llama-3.2-1b-4mla12m2.yaml"}
+DEVICE, DTYPE = "cuda", torch.bfloat16
+GiB = 2**30
+
+
+def build(name: str, base: LlamaConfig):
+    """One of the models of the module docstring, random weights, on the GPU in bf16."""
+    with torch.device(DEVICE):
+        if name == "llama":
+            return LlamaForCausalLM(base).to(DTYPE).eval()
+        # all-mla / all-mamba2 take the MLA shape of the 8mla-8m2 config (the same in both)
+        spec = yaml.safe_load(open(os.path.join(ROOT, HYBRIDS.get(name, HYBRIDS["8mla-8m2"]))))["student"]
+        if name in HYBRIDS:
+            plan = ["mla" if i in spec["mla_layers"] else "mamba2" for i in range(base.num_hidden_layers)]
+        else:
+            plan = [name.removeprefix("all-")] * base.num_hidden_layers
+        cfg = student_config(base, plan, spec["q_rank"], spec["kv_rank"], spec["d_rope"])
+        return ZebraForCausalLM(cfg).to(DTYPE).eval()
+
+
+def cache_bytes_per_step(cache, T: int) -> tuple[int, int]:
+    """(bytes a decode step reads from the cache at length T, bytes the cache occupies)."""
+    read = held = 0
+    for layer in cache.layers:
+        size = sum(buf.numel() * buf.element_size() for buf in layer.buffers())
+        held += size
+        if isinstance(layer, (KVCache, MLACache)):
+            read += size * T // (layer.k.shape[2] if isinstance(layer, KVCache) else layer.c_kv.shape[1])
+        elif isinstance(layer, Mamba2Cache):
+            read += 2 * size  # read and written
+    return read, held
+
+
+def step(model, token, cache):
+    return model(token, cache)[:, -1].argmax(-1)[:, None]
+
+
+def time_ms(fn, runs: int) -> float:
+    """Median milliseconds of fn() over `runs` runs after one warm-up, CUDA events."""
+    times = []
+    for run in range(1 + runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        if run:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def ours(model, b: int, T: int, steps: int, repeats: int, peak_bw: float, weight_bytes: int) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    cache = model.new_cache(b, T + steps + 1)
+    for layer in cache.layers:
+        for buf in layer.buffers():
+            buf.normal_()
+    token = torch.randint(0, 1000, (b, 1), device=DEVICE)
+
+    def decode():
+        cache.length = T
+        t = token
+        for _ in range(steps):
+            t = step(model, t, cache)
+
+    ms = time_ms(decode, repeats) / steps
+    read, held = cache_bytes_per_step(cache, T)
+    row = {"b": b, "T": T, "eager ms": ms, "eager tok/s": b * 1e3 / ms,
+           "peak GiB": torch.cuda.max_memory_allocated() / GiB, "cache GiB": held / GiB}
+    try:  # the same step at fixed length T, captured once and replayed
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                cache.length = T
+                step(model, token, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        cache.length = T
+        with torch.cuda.graph(graph):
+            step(model, token, cache)
+        cache.length = T
+
+        def replay():
+            for _ in range(steps):
+                graph.replay()
+
+        gms = time_ms(replay, repeats) / steps
+        row.update({"graph ms": gms, "graph tok/s": b * 1e3 / gms,
+                    "% roofline": 100 * (weight_bytes + read) / (gms * 1e-3) / peak_bw})
+        del graph
+    except RuntimeError as e:
+        row["graph ms"] = f"n/a: {str(e).splitlines()[0][:60]}"
+    return row
+
+
+def hf_model(base_json: dict):
+    import transformers
+
+    cfg = transformers.LlamaConfig(**{k: v for k, v in base_json.items() if k not in ("architectures",)})
+    cfg._attn_implementation = "sdpa"
+    with torch.device(DEVICE):
+        return transformers.LlamaForCausalLM(cfg).to(DTYPE).eval()
+
+
+@torch.no_grad()
+def hf(model, b: int, T: int, steps: int, repeats: int) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(0, model.config.vocab_size, (b, T), device=DEVICE)
+    mask = torch.ones_like(ids)
+
+    def generate(n):
+        return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      pad_token_id=0)
+
+    ms = (time_ms(generate(1 + steps), repeats) - time_ms(generate(1), repeats)) / steps
+    return {"b": b, "T": T, "eager ms": ms, "eager tok/s": b * 1e3 / ms,
+            "peak GiB": torch.cuda.max_memory_allocated() / GiB}
+
+
+@torch.no_grad()
+def official(model, b: int, P: int, new_tokens: int, is_hf: bool) -> float:
+    """Generated tokens/s end to end (prefill + decode), the paper's protocol."""
+    ids = torch.randint(0, 1000, (b, P), device=DEVICE)
+
+    def run():
+        if is_hf:
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            return
+        cache = model.new_cache(b, P + new_tokens)
+        t = model(ids, cache)[:, -1].argmax(-1)[:, None]
+        for _ in range(new_tokens - 1):
+            t = step(model, t, cache)
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    return b * new_tokens / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="b in {1, 16}, T in {4k, 16k}, 16 steps")
+    ap.add_argument("--official", action="store_true", help="also the paper's protocol (b 48, 1024 tokens)")
+    args = ap.parse_args()
+    print_header("Decode throughput and memory", "python bench/decode.py" + " --quick" * args.quick
+                 + " --official" * args.official)
+    peak_bw = copy_bandwidth()
+    print(f"measured copy bandwidth: {peak_bw / 1e12:.2f} TB/s (issue's H100 reference 3.0 TB/s)")
+    base_json = json.load(open(SHAPE))
+    base = LlamaConfig.from_dict(base_json)
+    batches, contexts = ([1, 16], [4096, 16384]) if args.quick else ([1, 16, 64], [1024, 4096, 16384, 32768])
+    steps, repeats = (16, 3) if args.quick else (32, 5)
+    columns = ["model", "b", "T", "eager ms", "eager tok/s", "graph ms", "graph tok/s", "% roofline",
+               "peak GiB", "cache GiB"]
+    print(f"\n{steps} decode steps, median of {repeats} after a warm-up\n\n" + table_header(columns), flush=True)
+    results = {}
+    for name in ["llama", "8mla-8m2", "4mla-12m2", "all-mamba2", "all-mla", "hf"]:
+        model = hf_model(base_json) if name == "hf" else build(name, base)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        for b in batches:
+            for T in contexts:
+                try:
+                    row = hf(model, b, T, steps, repeats) if name == "hf" else \
+                        ours(model, b, T, steps, repeats, peak_bw, weight_bytes)
+                except torch.OutOfMemoryError:
+                    row = {"b": b, "T": T, "eager ms": "OOM"}
+                results[name, b, T] = row
+                print(table_row({"model": name, **row}, columns), flush=True)
+        if args.official:
+            for P in (4096, 8192, 16384, 32768):
+                try:
+                    tps = official(model, 48, P, 1024, name == "hf")
+                except torch.OutOfMemoryError:
+                    tps = "OOM"
+                results[name, "official", P] = tps
+                print(f"official protocol {name} b=48 P={P}: {tps} generated tok/s", flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+    print("\nRatios of decode tokens/s (eager; graph in brackets where both have one)\n")
+    ratio_cols = ["b", "T"] + [f"{m} / {ref}" for m in ("8mla-8m2", "4mla-12m2") for ref in ("llama", "hf")]
+    print(table_header(ratio_cols))
+    for b in batches:
+        for T in contexts:
+            row = {"b": b, "T": T}
+            for m in ("8mla-8m2", "4mla-12m2"):
+                for ref in ("llama", "hf"):
+                    x, y = results[m, b, T], results[ref, b, T]
+                    if isinstance(x.get("eager tok/s"), float) and isinstance(y.get("eager tok/s"), float):
+                        cell = f"{x['eager tok/s'] / y['eager tok/s']:.2f}x"
+                        if isinstance(x.get("graph tok/s"), float) and isinstance(y.get("graph tok/s"), float):
+                            cell += f" ({x['graph tok/s'] / y['graph tok/s']:.2f}x)"
+                        row[f"{m} / {ref}"] = cell
+            print(table_row(row, ratio_cols), flush=True)
+
+
+if __name__ == "__main__":
+    main()
