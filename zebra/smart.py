@@ -33,8 +33,9 @@ token / MLA KV per layer), teacher KV = 2 L Hk d values, MLA = r_kv + d_rope val
   L-2 are MLA (terminal anchors), and each gap between consecutive MLA layers is floor(g) or ceil(g),
   g = (L-2)/(N-1). Among these placements take the one of maximum total sensitivity, by dynamic
   programming over (gaps placed, long gaps used), O(N^2); ties go to the lexicographically smallest
-  list. Cases outside the rule (our choices): N = L gives all layers; N = 1 gives the better-scoring
-  anchor, 0 or L-2; N = 2 gives [0, L-2]; 2 <= N <= L-1 always fits (g >= 1).
+  list. The anchors fit every 2 <= N <= L-1 (then g >= 1; N = 2 gives [0, L-2], N = L-1 gives
+  0..L-2). Cases outside the rule (our choices): N = L cannot keep L-1 out, so it gives all layers;
+  N = 1 has no gap, so it gives the better-scoring anchor, 0 or L-2 (0 when L <= 2).
 - `topk`: the N highest scores (ties to the lower layer). `uniform`: layers floor(i L / N), i < N.
 - `kl_guided`: the selector of Li et al., "Distilling to Hybrid Attention Models via KL-Guided
   Layer Selection" (ICLR 2026, arXiv 2512.20569; fla-org/hybrid-distillation, read, not copied),
