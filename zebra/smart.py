@@ -50,7 +50,8 @@ token / MLA KV per layer), teacher KV = 2 L Hk d values, MLA = r_kv + d_rope val
   L forward passes), and the choice is a plain top-K with no positional structure, so it may cluster.
   Our deviations: their restored layer is the teacher's own attention, ours A's MLA layer (the
   kind Zebra keeps); they rank by the logged training loss at a chosen step, we by the KL on the
-  calibration batches after training (paired: the same data for every l); they give token mixers a 14x higher learning rate (1e-4 vs 7e-6) and use ~200M tokens.
+  calibration batches after training (paired: the same data for every l); they give token mixers
+  a 14x higher learning rate (1e-4 vs 7e-6) and use ~200M tokens.
   Unknown from the stored material: what "GA-S2" abbreviates, which step's loss made the released
   rankings, and the temperature and reduction of their ranking-run KL (we use T = 1, per-token mean).
 """
