@@ -218,6 +218,8 @@ def main():
                         ours(model, b, T, steps, repeats, peak_bw, weight_bytes)
                 except torch.OutOfMemoryError:
                     row = {"b": b, "T": T, "eager ms": "OOM"}
+                except Exception as e:  # noqa: BLE001 - one broken point must not lose the rest of the sweep
+                    row = {"b": b, "T": T, "eager ms": f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"}
                 results[name, b, T] = row
                 print(table_row({"model": name, **row}, columns), flush=True)
         if args.official:

@@ -126,7 +126,11 @@ def main():
         print(table_header(columns), flush=True)
         for b in batches:
             for T in contexts:
-                print(table_row(point(mla, b, T, peak), columns), flush=True)
+                try:
+                    row = point(mla, b, T, peak)
+                except Exception as e:  # noqa: BLE001 - one broken point must not lose the rest of the sweep
+                    row = {"b": b, "T": T, "rel err": f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"}
+                print(table_row(row, columns), flush=True)
         print(f"\n## {name}: kernel time (us) by split-K factor S\n")
         sweep = [splits_sweep(mla, b, T) for b, T in ((1, 32768), (16, 4096), (64, 32768))]
         print(table(sweep, list(sweep[0])), flush=True)
