@@ -344,28 +344,38 @@ def tiny_llama():
     return LlamaForCausalLM(cfg).eval()
 
 
-def test_kv_cache_report_teacher():
+def test_kv_cache_report_teacher_and_hybrid():
     from zebra.config import LlamaConfig
     from zebra.eval.speed import kv_cache_report
+    from zebra.hybrid import ZebraForCausalLM, student_config
 
-    model = tiny_llama()
-    # SmolLM2-135M: 30 layers, 3 KV heads of 64: 2 * 30 * 3 * 64 * 2 bytes = 23040 bytes per token
+    model = tiny_llama()  # 2 layers, 2 KV heads of 8: 2 * 2 * 2 * 8 values of 2 bytes = 128 bytes per token
+    rep = kv_cache_report(model, contexts=[100, 1000], batch=3)
+    assert rep["bytes_per_token"] == rep["teacher_bytes_per_token"] == 128 and rep["percent_of_teacher"] == 100.0
+    assert rep["totals"][1] == {"batch": 3, "context": 1000, "bytes": 3 * 1000 * 128, "teacher_bytes": 3 * 1000 * 128}
+    # SmolLM2-135M with 6 MLA layers (r_kv 64 + d_rope 32) and 24 Mamba2 layers (DESIGN.md formula):
+    # teacher 2 * 30 * 3 * 64 = 11520 values per token, student 6 * 96 = 576 -> 5%
     smollm2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                           num_attention_heads=9, num_key_value_heads=3, head_dim=64)
-    rep = kv_cache_report(model, smollm2, contexts=[100, 1000], batch=3)
-    assert rep["bytes_per_token"] == 2 * 2 * 2 * 8 * 2 and rep["teacher_bytes_per_token"] == 23040
-    assert rep["percent_of_teacher"] == pytest.approx(100 * 128 / 23040)
-    assert rep["totals"][1] == {"batch": 3, "context": 1000, "bytes": 3 * 1000 * 128, "teacher_bytes": 3 * 1000 * 23040}
-    assert kv_cache_report(model, model.config, [8], 1)["percent_of_teacher"] == 100.0
+    plan = ["mla" if i in (0, 5, 10, 15, 20, 25) else "mamba2" for i in range(30)]
+    with torch.device("meta"):
+        hybrid = ZebraForCausalLM(student_config(smollm2, plan, q_rank=0, kv_rank=64, d_rope=32))
+    rep = kv_cache_report(hybrid, contexts=[4096], batch=2)
+    assert rep["bytes_per_token"] == 576 * 2 and rep["teacher_bytes_per_token"] == 11520 * 2
+    assert rep["percent_of_teacher"] == pytest.approx(5.0)
+    assert rep["totals"][0]["bytes"] == 2 * (4096 * 576 * 2 + rep["constant_bytes"]) and rep["constant_bytes"] > 0
 
 
 def test_throughput_and_reports(tmp_path):
     from zebra.eval import report
     from zebra.eval.speed import throughput
 
-    point = throughput(tiny_llama(), batch=2, context=16, steps=4, repeats=2)
-    assert point["prefill_tok_s"] == pytest.approx(2 * 16 / point["prefill_s"])
-    assert point["decode_tok_s"] == pytest.approx(2 * 4 / point["decode_s"])
+    from zebra.hybrid import build_student
+
+    for model in (tiny_llama(), build_student(tiny_llama(), "mamba2")):  # any model with new_cache
+        point = throughput(model, batch=2, context=16, steps=4, repeats=2)
+        assert point["prefill_tok_s"] == pytest.approx(2 * 16 / point["prefill_s"])
+        assert point["decode_tok_s"] == pytest.approx(2 * 4 / point["decode_s"])
     teacher = {"model": "teacher", "tasks": {"piqa": {"acc": 0.7, "acc_stderr": 0.01, "acc_norm": 0.71,
                                                       "acc_norm_stderr": 0.01, "n": 10},
                                              "winogrande": {"acc": 0.5, "acc_stderr": 0.02, "n": 10}},

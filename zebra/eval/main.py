@@ -12,15 +12,16 @@ side into `<out>/report.md` and `<out>/report.png`.
 
 import argparse
 import datetime
+import os
 from pathlib import Path
 
 import torch
 
-from zebra.config import LlamaConfig
 from zebra.eval import report
 from zebra.eval.harness import evaluate_task, perplexity
 from zebra.eval.speed import kv_cache_report, throughput
-from zebra.eval.tasks import TASKS, get_task, load_docs, local_paths
+from zebra.eval.tasks import TASKS, get_task, load_docs
+from zebra.hub import load_model
 
 DEFAULT_TASKS = "hellaswag,piqa,arc_easy,arc_challenge,winogrande,openbookqa,lambada_openai"
 
@@ -33,7 +34,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", default=[], help="HF model dir or named source (repeatable)")
     ap.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma list or 'all' ({', '.join(TASKS)}); '' for none")
-    ap.add_argument("--data-dir", help="local task files (layout of shared/data/eval); default: datasets hub names")
+    ap.add_argument("--data-dir", default=os.environ.get("ZEBRA_EVAL_DATA"),
+                    help="local task files (layout of shared/data/eval; default $ZEBRA_EVAL_DATA); "
+                         "without it the tasks load by their datasets hub names")
     ap.add_argument("--limit", type=int, help="first N docs of each task (as lm-eval --limit)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, help="left-truncate inputs (default: max_position_embeddings)")
@@ -45,7 +48,6 @@ def parse_args(argv=None):
     ap.add_argument("--ppl-split", default="test")
     ap.add_argument("--ppl-max-length", type=int, default=1024)
     ap.add_argument("--ppl-stride", type=int, default=512)
-    ap.add_argument("--teacher", default="smollm2-135m-instruct", help="teacher whose KV cache is 100%%")
     ap.add_argument("--kv-contexts", type=ints, default=[], help="e.g. 4096,32768: KV report at these lengths")
     ap.add_argument("--kv-batch", type=int, default=1)
     ap.add_argument("--kv-dtype-bytes", type=int, default=2, help="bytes per cached number (2: bf16/fp16)")
@@ -60,9 +62,6 @@ def parse_args(argv=None):
         ap.error("give --model (one or more) or --report FILES")
     names = list(TASKS) if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
     args.tasks = [get_task(t) for t in names]  # a bad name fails here, before any model loads
-    if args.data_dir:
-        for task in args.tasks:
-            local_paths(task, args.data_dir)
     for spec in args.ppl:
         if spec.endswith((".txt", ".jsonl", ".json")) and not Path(spec).is_file():
             raise ValueError(f"--ppl: no such file {spec}")
@@ -85,16 +84,9 @@ def read_text(spec: str, split: str) -> str:
     return "\n\n".join(rows["text"])
 
 
-def load_model(source: str, device: str, dtype: torch.dtype):
-    """Our model and tokenizer for a teacher dir, a student dir or a named source."""
-    from zebra import hub
-
-    return hub.load_llama(source, device=device, dtype=dtype)
-
-
-def evaluate_model(source: str, args) -> dict:
+def evaluate_model(source: str, args, task_docs: dict) -> dict:
     dtype = getattr(torch, args.dtype)
-    model, tokenizer = load_model(source, args.device, dtype)
+    model, tokenizer = load_model(source, device=args.device, dtype=dtype)
     max_length = args.max_length or model.config.max_position_embeddings
     result = {"model": Path(source).name, "source": str(source),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -104,7 +96,7 @@ def evaluate_model(source: str, args) -> dict:
                            "data_dir": args.data_dir, "num_fewshot": 0},
               "tasks": {}, "perplexity": {}}
     for task in args.tasks:
-        docs, split = load_docs(task, args.data_dir, args.limit)
+        docs, split = task_docs[task.name]
         metrics = evaluate_task(model, tokenizer, task, docs, args.batch_size, max_length, args.device, args.add_bos)
         result["tasks"][task.name] = {**metrics, "split": split, "source": "local" if args.data_dir else "hub"}
         print(f"{result['model']} {task.name}: " + ", ".join(
@@ -115,10 +107,7 @@ def evaluate_model(source: str, args) -> dict:
             model, ids, args.ppl_max_length, args.ppl_stride, args.batch_size, args.device)
         print(f"{result['model']} ppl {spec}: {result['perplexity'][Path(spec).name]['perplexity']:.3f}")
     if args.kv_contexts:
-        from zebra.hub import resolve_model_dir
-
-        teacher = LlamaConfig.from_json(resolve_model_dir(args.teacher) / "config.json")
-        result["kv_cache"] = kv_cache_report(model, teacher, args.kv_contexts, args.kv_batch, args.kv_dtype_bytes)
+        result["kv_cache"] = kv_cache_report(model, args.kv_contexts, args.kv_batch, args.kv_dtype_bytes)
     result["throughput"] = [throughput(model, args.throughput_batch, t, args.throughput_steps, args.repeats)
                             for t in args.throughput_contexts]
     for point in result["throughput"]:
@@ -131,8 +120,9 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     results, written = report.read_results(args.report), []
+    task_docs = {task.name: load_docs(task, args.data_dir, args.limit) for task in args.tasks}  # before any model
     for source in args.model:
-        result = evaluate_model(source, args)
+        result = evaluate_model(source, args, task_docs)
         written.append(out / f"{result['model']}.json")
         report.write_json(written[-1], result)
         results.append(result)

@@ -3,7 +3,7 @@
 KV cache (DESIGN.md, "KV cache accounting"), in bytes at `dtype_bytes` per number:
     teacher per token   2 * n_layers * n_kv_heads * head_dim * dtype_bytes
     student per token   n_mla * (r_kv + d_rope) * dtype_bytes       (zebra.hybrid.cache_report)
-    student constant    n_mamba * (conv state + SSM state) per sequence
+    student constant    n_mamba * (conv state + SSM state in fp32) per sequence
     % of teacher        student per token / teacher per token * 100
     total at (b, T)     b * (T * per_token + constant)
 
@@ -26,16 +26,19 @@ def teacher_kv_bytes_per_token(config: LlamaConfig, dtype_bytes: int = 2) -> int
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype_bytes
 
 
-def kv_cache_report(model, teacher: LlamaConfig, contexts: list[int], batch: int, dtype_bytes: int = 2) -> dict:
-    """Per-token and constant cache bytes of `model`, % of the teacher's, totals at each context."""
-    if isinstance(model.config, LlamaConfig):  # the teacher (or any plain Llama)
-        per_token, constant = teacher_kv_bytes_per_token(model.config, dtype_bytes), 0
-    else:  # a hybrid student: its own accounting (issue 6: zebra.hybrid.cache_report)
+def kv_cache_report(model, contexts: list[int], batch: int, dtype_bytes: int = 2) -> dict:
+    """Per-token and constant cache bytes of `model`, % of its teacher's, totals at each context.
+
+    A plain Llama is its own teacher (100%); a hybrid's teacher is its base Llama shape."""
+    if isinstance(model.config, LlamaConfig):
+        per_token = teacher_per_token = teacher_kv_bytes_per_token(model.config, dtype_bytes)
+        constant = 0
+    else:
         from zebra.hybrid import cache_report
 
-        report = cache_report(model.config, contexts[0], batch)
-        per_token, constant = report["bytes_per_token"], report["constant_bytes"]
-    teacher_per_token = teacher_kv_bytes_per_token(teacher, dtype_bytes)
+        report = cache_report(model.config, contexts[0], batch, dtype_bytes)
+        per_token, teacher_per_token = report["kv_bytes_per_token"], report["teacher_kv_bytes_per_token"]
+        constant = report["state_bytes_per_sequence"]
     return {"bytes_per_token": per_token, "constant_bytes": constant, "dtype_bytes": dtype_bytes,
             "teacher_bytes_per_token": teacher_per_token,
             "percent_of_teacher": 100.0 * per_token / teacher_per_token,

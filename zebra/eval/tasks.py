@@ -178,7 +178,12 @@ def load_rows(task: Task, data_dir: str | Path | None, limit: int | None = None)
         import datasets
 
         path, config, split = task.hub
-        rows = list(datasets.load_dataset(path, config, split=split))
+        try:
+            rows = list(datasets.load_dataset(path, config, split=split))
+        except Exception as e:  # offline, or the hub changed: say what to do instead
+            raise ValueError(f"task {task.name}: cannot load {path} ({config}, {split}) with datasets: {e}; "
+                             f"pass --data-dir (or set ZEBRA_EVAL_DATA) to a directory laid out as "
+                             f"shared/data/eval") from e
     else:
         paths = local_paths(task, data_dir)
         try:
