@@ -53,6 +53,13 @@ class ZebraConfig:
     def plan(self) -> list[str]:
         return [kind_of(c) for c in self.layers]
 
+    # what tools read from any model's config (generate, evaluate): the base model's values
+    vocab_size = property(lambda self: self.base.vocab_size)
+    num_hidden_layers = property(lambda self: self.base.num_hidden_layers)
+    max_position_embeddings = property(lambda self: self.base.max_position_embeddings)
+    bos_token_id = property(lambda self: self.base.bos_token_id)
+    eos_token_id = property(lambda self: self.base.eos_token_id)
+
     def to_dict(self) -> dict:
         layers = []
         for c in self.layers:
