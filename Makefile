@@ -16,9 +16,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The whole pipeline on CPU (init -> ild -> smart -> kd -> dpo -> eval), then its report.
 demo: install
 	$(PY) -m zebra.hub fetch smollm2-135m-instruct
 	$(PY) -m zebra.generate --model smollm2-135m-instruct --prompt "What is the capital of France?" --max-new-tokens 48
+	$(PY) train.py configs/demo.yaml
+	cat runs/demo/eval/report.md
+	$(PY) -m zebra.generate --model runs/demo/dpo/model --prompt "What is the capital of France?" --max-new-tokens 24
 
 test: install
 	$(PY) -m pytest -q
