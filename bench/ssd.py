@@ -23,7 +23,6 @@ import sys
 import types
 
 import torch
-import torch.nn.functional as F
 import triton
 from einops import repeat
 from triton.testing import do_bench
@@ -120,7 +119,8 @@ def checks(peers):
                 gm = torch.autograd.grad((ym.float() * dy).sum(), [e[k] for k in names])
                 go = torch.autograd.grad((yo.float() * dy).sum(), [leaves[k] for k in names])
                 errs.update({f"d{k}": rel(a, b) for k, a, b in zip(names, go, gm)})
-            print(f"ours vs mamba_ssm, {name}: " + " ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+            print(f"ours vs mamba_ssm, {name}: "
+                  + " ".join(f"{k} {v:.1e}" for k, v in errs.items()))
         if "fla" in peers:
             print(f"ours vs fla fwd, {name}: y {rel(y, fla_call(peers['fla'], inp)()):.1e}")
 
@@ -165,7 +165,8 @@ def timing(peers, chunks, quick):
             gf, gb = gb_f / tf * 1e3, gb_b / tb * 1e3 if tb else None
             tbs = f"{tb:.3f}" if tb else "-"
             gbs = f"{gb:.0f} ({gb / bw:.0%})" if gb else "-"
-            print(f"| {name} | {shape[1]} | {k} | {tf:.3f} | {tbs} | {gf:.0f} ({gf / bw:.0%}) | {gbs} |")
+            print(f"| {name} | {shape[1]} | {k} | {tf:.3f} | {tbs} | {gf:.0f} ({gf / bw:.0%}) "
+                  f"| {gbs} |")
         best = min(v[1] for k, v in res.items() if k.startswith("ours"))
         bestf = min(v[0] for k, v in res.items() if k.startswith("ours"))
         if "mamba256" in res:

@@ -15,9 +15,11 @@ import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
+import pytest
+
 KERNELS = ("_dt_cumsum_kernel", "_states_fwd_kernel", "_output_fwd_kernel", "_dstates_bwd_kernel",
-           "_chunk_bwd_dx_kernel", "_chunk_bwd_dbc_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel", "_conv_step_kernel",
-           "_ssd_step_kernel")
+           "_chunk_bwd_dx_kernel", "_chunk_bwd_dbc_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel",
+           "_conv_step_kernel", "_ssd_step_kernel")
 TARGETS = {("hip", "gfx942", 64): ("amdgcn", "hsaco"), ("cuda", 90, 32): ("ptx", "cubin")}
 
 # Pointers are bf16 data unless named here; every non-pointer, non-constexpr argument is an i32
@@ -54,8 +56,8 @@ def signature(fn, overrides):
             sig[name] = "constexpr"
             constexprs[name] = overrides.get(name, CONSTEXPRS.get(name))
         elif name.endswith("_ptr"):
-            fp32 = name in FP32_POINTERS or (fn.__name__ == "_ssd_step_kernel" and name == "state_ptr")
-            sig[name] = "*fp32" if fp32 else "*bf16"
+            ssd_state = fn.__name__ == "_ssd_step_kernel" and name == "state_ptr"
+            sig[name] = "*fp32" if name in FP32_POINTERS or ssd_state else "*bf16"
         else:
             sig[name] = "fp32" if name in FP32_SCALARS else "i32"
     return sig, constexprs
@@ -85,6 +87,7 @@ def compile_all():
         return list(pool.map(compile_one, jobs))
 
 
+@pytest.mark.slow  # ~35 builds, about a minute on 2 cores
 def test_every_kernel_compiles_for_rocm_and_cuda(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # build from scratch, not from a cache

@@ -2,6 +2,10 @@
 length, groups, D, z, dt processing, initial state), one-token steps == the sequence versions,
 and the conv1d reference == an explicit sum over taps. fp64 so that only the algebra is tested."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,7 +43,8 @@ def test_step_equals_sequence():
     state = inp["initial_state"].clone()
     for t in range(9):
         yt = ref.ssd_step(state, inp["x"][:, t], inp["dt"][:, t], inp["A"], inp["B"][:, t],
-                          inp["C"][:, t], D=inp["D"], z=inp["z"][:, t], dt_bias=inp["dt_bias"], **kw)
+                          inp["C"][:, t], D=inp["D"], z=inp["z"][:, t], dt_bias=inp["dt_bias"],
+                          **kw)
         torch.testing.assert_close(yt, y[:, t], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(state, final, rtol=1e-10, atol=1e-10)
 
@@ -61,3 +66,17 @@ def test_conv1d_reference_and_step(activation):
                          for t in range(l)], dim=1)
     torch.testing.assert_close(steps, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(state, x[:, -k:].transpose(1, 2))
+
+
+def test_backend_choice():
+    """BACKEND is picked once at import; ZEBRA_KERNELS overrides it and is validated."""
+    code = ("import zebra.kernels as k, zebra.kernels.ssd as s, zebra.kernels.reference as r; "
+            "print(k.BACKEND, k.ssd_scan is s.ssd_scan, k.ssd_scan is r.ssd_chunked)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    for choice, want in (("torch", "torch False True"), ("triton", "triton True False")):
+        out = subprocess.run([sys.executable, "-c", code], env=dict(env, ZEBRA_KERNELS=choice),
+                             capture_output=True, text=True)
+        assert out.stdout.split() == want.split(), out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, ZEBRA_KERNELS="cuda"),
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "ZEBRA_KERNELS must be 'torch' or 'triton'" in out.stderr

@@ -22,7 +22,8 @@ def rel_err(got, want):
 def assert_close_named(got: dict, want: dict, tol):
     errs = {k: rel_err(got[k], want[k]) for k in want}
     bad = {k: f"{e:.2e}" for k, e in errs.items() if not e <= tol}
-    assert not bad, f"relative errors above {tol}: {bad} (all: { {k: f'{e:.1e}' for k, e in errs.items()} })"
+    all_errs = {k: f"{e:.1e}" for k, e in errs.items()}
+    assert not bad, f"relative errors above {tol}: {bad} (all: {all_errs})"
 
 
 def ssd_inputs(b, l, h, hx, gb, gc, p, n, seed, dtype=torch.float32):
@@ -52,8 +53,9 @@ def test_ssd_scan_forward_and_grads(l, h, hx, gb, gc, p, n, chunk, options):
     opts = options.split(",")
     used = ["x", "dt", "A", "B", "C"] + [k for k, o in (("D", "D"), ("z", "z"), ("dt_bias", "dt"),
                                                       ("initial_state", "init")) if o in opts]
-    kw = dict(dt_softplus="dt" in opts, dt_limit=(0.001, 4.0) if "dt" in opts else (0.0, float("inf")),
-              return_final_state=True, chunk_size=chunk)
+    dt_limit = (0.001, 4.0) if "dt" in opts else (0.0, float("inf"))
+    kw = dict(dt_softplus="dt" in opts, dt_limit=dt_limit, return_final_state=True,
+              chunk_size=chunk)
     if "dt" not in opts:
         inp["dt"] = inp["dt"].abs() * 0.3
     leaves = {k: inp[k].clone().requires_grad_(True) for k in used}
@@ -63,8 +65,10 @@ def test_ssd_scan_forward_and_grads(l, h, hx, gb, gc, p, n, chunk, options):
     assert y.dtype == torch.float32 and final.dtype == torch.float32
     assert_close_named({"y": y, "final_state": final}, {"y": y_ref, "final_state": final_ref}, 1e-5)
     gy, gf = torch.randn_like(y_ref), torch.randn_like(final_ref)
-    grads = torch.autograd.grad((y * gy.float()).sum() + (final * gf.float()).sum(), list(leaves.values()))
-    grads_ref = torch.autograd.grad((y_ref * gy).sum() + (final_ref * gf).sum(), list(leaves64.values()))
+    loss = (y * gy.float()).sum() + (final * gf.float()).sum()
+    loss_ref = (y_ref * gy).sum() + (final_ref * gf).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    grads_ref = torch.autograd.grad(loss_ref, list(leaves64.values()))
     assert_close_named(dict(zip(used, grads)), dict(zip(used, grads_ref)), 1e-3)
 
 
@@ -97,11 +101,12 @@ def test_ssd_step_token_by_token_equals_scan():
     state = inp["initial_state"].clone()
     ys = [ssd_step(state, inp["x"][:, t], inp["dt"][:, t], inp["A"], inp["B"][:, t], inp["C"][:, t],
                    z=inp["z"][:, t], **kw) for t in range(l)]
-    assert_close_named({"y": torch.stack(ys, 1), "state": state}, {"y": y_ref, "state": final_ref}, 1e-5)
+    assert_close_named({"y": torch.stack(ys, 1), "state": state},
+                       {"y": y_ref, "state": final_ref}, 1e-5)
 
 
-@pytest.mark.parametrize("l,c,k,activation,bias", [(1, 24, 4, "silu", True), (67, 40, 4, "silu", True),
-                                                   (33, 16, 3, None, False)])
+@pytest.mark.parametrize("l,c,k,activation,bias", [
+    (1, 24, 4, "silu", True), (67, 40, 4, "silu", True), (33, 16, 3, None, False)])
 def test_causal_conv1d_forward_grads_and_step(l, c, k, activation, bias):
     g = torch.Generator().manual_seed(l)
     x = torch.randn(2, l, c, generator=g)
@@ -118,7 +123,8 @@ def test_causal_conv1d_forward_grads_and_step(l, c, k, activation, bias):
     assert_close_named({"y": y, **dict(zip(names, grads))},
                        {"y": y_ref, **dict(zip(names, grads_ref))}, 1e-5)
     state = torch.zeros(2, c, k)
-    steps = torch.stack([causal_conv1d_step(x[:, t], state, w, bvec, activation) for t in range(l)], 1)
+    steps = torch.stack([causal_conv1d_step(x[:, t], state, w, bvec, activation)
+                         for t in range(l)], dim=1)
     assert_close_named({"step_y": steps}, {"step_y": y_ref}, 1e-5)
     tail = x[:, -k:].transpose(1, 2)
     torch.testing.assert_close(state[:, :, k - tail.shape[2]:], tail)
