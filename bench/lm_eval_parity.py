@@ -108,7 +108,7 @@ def compare(tasks, tolerance: float) -> bool:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--data-dir", help="local task files (layout of shared/data/eval)")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--lm-eval", default="/tmp/lmeval/bin/lm_eval", help="the lm_eval executable of its own venv")
@@ -120,7 +120,8 @@ def main():
     args = ap.parse_args()
     tasks = [get_task(t) for t in args.tasks.split(",")]
     model_dir = resolve_model_dir(args.model)
-    write_data(tasks, args.data_dir, args.limit)
+    if not (args.skip_lm_eval and args.skip_ours):
+        write_data(tasks, args.data_dir, args.limit)
     if not args.skip_lm_eval:
         t0 = time.time()
         run_lm_eval(args.lm_eval, model_dir, tasks, args.device, args.batch_size)

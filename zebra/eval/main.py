@@ -120,7 +120,8 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     results, written = report.read_results(args.report), []
-    task_docs = {task.name: load_docs(task, args.data_dir, args.limit) for task in args.tasks}  # before any model
+    # every task's data is read before any model loads, so a bad file fails fast
+    task_docs = {task.name: load_docs(task, args.data_dir, args.limit) for task in args.tasks} if args.model else {}
     for source in args.model:
         result = evaluate_model(source, args, task_docs)
         written.append(out / f"{result['model']}.json")

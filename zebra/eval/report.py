@@ -68,7 +68,8 @@ def markdown_table(results: list[dict]) -> str:
                 m = r.get("tasks", {}).get(t)
                 cells.append(f"{m[metric] * scale:.2f} ± {m[metric + '_stderr'] * scale:.2f}" if m and metric in m else "")
             mark = " *" if metric == headline(t) else ""
-            rows.append(f"| {t} {metric}{mark} (n={results[0]['tasks'].get(t, {}).get('n', '?')}) | " + " | ".join(cells) + " |")
+            n = next(r["tasks"][t]["n"] for r in results if t in r.get("tasks", {}))
+            rows.append(f"| {t} {metric}{mark} (n={n}) | " + " | ".join(cells) + " |")
     if common:
         rows.append(f"| **average*** ({len(common)} tasks) | "
                     + " | ".join(f"**{100 * average_headline(r, common):.2f}**" for r in results) + " |")
@@ -80,13 +81,13 @@ def markdown_table(results: list[dict]) -> str:
             f"{r['kv_cache']['bytes_per_token']:,}" if "kv_cache" in r else "" for r in results) + " |")
         rows.append("| KV % of teacher | " + " | ".join(
             f"{r['kv_cache']['percent_of_teacher']:.2f}%" if "kv_cache" in r else "" for r in results) + " |")
-    for point in {(p["batch"], p["context"]) for r in results for p in r.get("throughput", [])}:
+    for point in sorted({(p["batch"], p["context"]) for r in results for p in r.get("throughput", [])}):
         for key, label in (("prefill_tok_s", "prefill"), ("decode_tok_s", "decode")):
             cells = [next((f"{p[key]:,.0f}" for p in r.get("throughput", []) if (p["batch"], p["context"]) == point), "")
                      for r in results]
             rows.append(f"| {label} tok/s (b={point[0]}, ctx={point[1]}) | " + " | ".join(cells) + " |")
-    note = "\n\n`*` headline metric (acc_norm for ARC, HellaSwag, OpenBookQA, PIQA; acc otherwise), in %, ± stderr.\n"
-    return header + "\n".join(rows) + note
+    note = "\n\n`*` headline metric (acc_norm for ARC, HellaSwag, OpenBookQA, PIQA; acc otherwise), in %, ± stderr."
+    return header + "\n".join(rows) + (note if all_tasks else "") + "\n"
 
 
 def plot(results: list[dict], path: str | Path):
