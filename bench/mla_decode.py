@@ -15,6 +15,10 @@ r_kv = 512, d_rope = 64, d_nope = 128, d_v = 128). Timed, median of triton.testi
     sdpa        F.scaled_dot_product_attention, FLASH backend, one query over materialised
                 k = [k_nope | k_rope], v (b Hk T d) with GQA: what the layer would read if its
                 keys and values were cached expanded, as a Llama-style layer's are
+    graph       the kernel alone again, timed as CUDA-graph replays (do_bench_cudagraph): no host
+                launch cost, which dominates small sizes on a slow host (seen on the lent H100,
+                bench/RESULTS.md); replays do not flush the L2, so below ~50 MB of latents the
+                keys may come from it
 Bytes: kernel reads b T (r_kv + d_rope) values (2 bytes each; queries and outputs are
 negligible); sdpa reads b T Hk (d_nope + d_rope + d_v). GB/s and % of the copy bandwidth
 measured in this run. Every point also checks the kernel against mla_decode_reference (fp32).
@@ -27,7 +31,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import copy_bandwidth, print_header, table, table_header, table_row  # noqa: E402
@@ -69,6 +73,9 @@ def point(mla: MLAttention, b: int, T: int, peak: float) -> dict:
     latent_bytes = b * T * (cfg.kv_rank + cfg.d_rope) * 2
     row.update({"kernel us": ms * 1e3, "kernel GB/s": latent_bytes / ms / 1e6,
                 "% peak": 100 * latent_bytes / (ms * 1e-3) / peak})
+    ms = do_bench_cudagraph(lambda: mla_decode(q_latent, q_rope[:, :, 0], c_kv, k_rope, left_pad, T, mla.scale),
+                            rep=50, return_mode="median")
+    row.update({"graph us": ms * 1e3, "graph % peak": 100 * latent_bytes / (ms * 1e-3) / peak})
     for backend in ("triton", "torch"):
         kernels.BACKEND = backend
         try:
@@ -84,9 +91,8 @@ def point(mla: MLAttention, b: int, T: int, peak: float) -> dict:
     k = torch.randn(b, Hk, T, d_qk, device=dev, dtype=dt)
     v = torch.randn(b, Hk, T, cfg.v_head_dim, device=dev, dtype=dt)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, scale=mla.scale, enable_gqa=Hk != cfg.n_heads)  # noqa: E731
         try:
-            ms = bench(sdpa)
+            ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, scale=mla.scale, enable_gqa=Hk != cfg.n_heads))
             kv_bytes = b * T * Hk * (d_qk + cfg.v_head_dim) * 2
             row.update({"sdpa us": ms * 1e3, "sdpa GB/s": kv_bytes / ms / 1e6,
                         "sdpa/absorbed triton": ms * 1e3 / row["absorbed triton us"]})
@@ -117,8 +123,9 @@ def main():
     peak = copy_bandwidth()
     print(f"measured copy bandwidth: {peak / 1e12:.2f} TB/s (issue's H100 reference 3.0 TB/s)")
     batches, contexts = ([1, 16, 64], [4096, 32768]) if args.quick else ([1, 4, 16, 64], [1024, 4096, 16384, 32768])
-    columns = ["b", "T", "rel err", "kernel us", "kernel GB/s", "% peak", "absorbed triton us",
-               "absorbed torch us", "torch/triton", "sdpa us", "sdpa GB/s", "sdpa/absorbed triton"]
+    columns = ["b", "T", "rel err", "kernel us", "kernel GB/s", "% peak", "graph us", "graph % peak",
+               "absorbed triton us", "absorbed torch us", "torch/triton", "sdpa us", "sdpa GB/s",
+               "sdpa/absorbed triton"]
     for name in ["zebra-1b"] + ([] if args.quick else ["dsv2-lite"]):
         cfg = SHAPES[name]
         mla = MLAttention(cfg).to(DEVICE, torch.bfloat16)
