@@ -5,9 +5,10 @@ template), the relative output error of the MLA layer that replaces its attentio
 
     err = ||MLA(n) - Attn(n)|| / ||Attn(n)||,   n = the layer's normed input on the teacher's own run
 
-for the init modes official, preserve (highest-frequency pairs) and preserve-norm (pairs chosen by
-MHA2MLA's norm criterion on separate calibration text), at several kv ranks with d_rope 32, and a
-full-rank or r_q = 400 query. Prints one per-layer table (full-rank query) and a layer-mean table.
+for the init modes official, preserve (highest-frequency pairs, weight-space fits), pres-cal
+(preserve with its fits whitened by separate calibration text) and pres-norm (pres-cal with the pairs
+chosen by MHA2MLA's norm criterion), at several kv ranks with d_rope 32 and a full-rank query,
+then the layer means for a full-rank and an r_q = 400 query.
 
     OMP_NUM_THREADS=1 python bench/mla_init_error.py [--model smollm2-135m-instruct] [--tokens 2048]
 
@@ -24,8 +25,9 @@ from zebra.hub import load_llama
 from zebra.init import mla_from_llama
 
 DATA = "data/hh_rlhf/helpful-base_test.chat500.jsonl.gz"
-MODES = [("official", "official", "high_freq"), ("preserve", "preserve", "high_freq"),
-         ("pres-norm", "preserve", "norm")]
+# (column, mode, rope pairs, calibrated): calibrated inits whiten their fits by separate text
+MODES = [("official", "official", "high_freq", False), ("preserve", "preserve", "high_freq", False),
+         ("pres-cal", "preserve", "high_freq", True), ("pres-norm", "preserve", "norm", True)]
 
 
 @torch.no_grad()
@@ -38,9 +40,9 @@ def layer_inputs(model, ids):
 
 
 @torch.no_grad()
-def init_error(attn, cfg, inputs, target, calib, q_rank, kv_rank, mode, pairs, seq_len):
+def init_error(attn, cfg, inputs, target, calib, q_rank, kv_rank, mode, pairs, calibrated, seq_len):
     mla = mla_from_llama(attn, cfg, q_rank, kv_rank, 32, mode=mode, rope_pairs=pairs,
-                         inputs=calib if pairs == "norm" else None)
+                         inputs=calib if calibrated else None)
     x = inputs.view(-1, seq_len, inputs.shape[-1])
     pos = torch.arange(seq_len, device=x.device).expand(x.shape[0], -1)
     out = mla(x, pos).flatten(0, 1)
@@ -68,21 +70,24 @@ def main():
     errors = {}  # (layer, q_rank, kv_rank, mode name) -> err
     for i, layer in enumerate(model.model.layers):
         (inputs, target), (calib, _) = evals[i], calibs[i]
-        for q_rank, kv_rank, (name, mode, pairs) in settings:
+        for q_rank, kv_rank, (name, mode, pairs, calibrated) in settings:
             errors[i, q_rank, kv_rank, name] = init_error(layer.self_attn, cfg, inputs, target, calib, q_rank,
-                                                          kv_rank, mode, pairs, args.seq_len)
+                                                          kv_rank, mode, pairs, calibrated, args.seq_len)
         print(f"layer {i} done", file=sys.stderr, flush=True)
     print(f"teacher {args.model}: H {cfg.num_attention_heads}, Hk {cfg.num_key_value_heads}, d {cfg.head_dim}; "
           f"{n * args.seq_len} tokens of hh-rlhf; d_rope 32, d_nope {cfg.head_dim - 32}; rel. output error")
     names = [m[0] for m in MODES]
-    header = " ".join(f"{f'{m}@{r}':>13}" for m in names for r in kv_ranks)
+    print("columns: init@r_kv; official = OFFICIAL.md section 2; preserve = whole teacher pairs, weight-space "
+          "fits; pres-cal = preserve whitened by calibration text; pres-norm = pres-cal with MHA2MLA norm pairs")
+    print(" ".join(f"{m}@{r}" for m in names for r in kv_ranks))
+    header = " ".join(f"{f'{m[:4]}@{r}':>8}" for m in names for r in kv_ranks)
+    print(f"\nr_q = full, per layer\n{'layer':>5} {header}")
+    for i in range(cfg.num_hidden_layers):
+        print(f"{i:>5} " + " ".join(f"{errors[i, 0, r, m]:>8.3f}" for m in names for r in kv_ranks))
     for q_rank in (0, 400):
-        print(f"\nr_q = {q_rank or 'full'}, per layer\n{'layer':>5} {header}")
-        for i in range(cfg.num_hidden_layers):
-            print(f"{i:>5} " + " ".join(f"{errors[i, q_rank, r, m]:>13.3f}" for m in names for r in kv_ranks))
         mean = [sum(errors[i, q_rank, r, m] for i in range(cfg.num_hidden_layers)) / cfg.num_hidden_layers
                 for m in names for r in kv_ranks]
-        print(f"{'mean':>5} " + " ".join(f"{e:>13.3f}" for e in mean))
+        print(f"{'mean':>5} " + " ".join(f"{e:>8.3f}" for e in mean) + f"   (r_q = {q_rank or 'full'})")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,46 @@ def test_preserve_mqa_full_rank_reproduces_teacher(q_rank, rope):
     assert diff <= 1e-5, diff
 
 
+def test_preserve_gqa_shared_rope_key_is_exact_when_keys_are_complex_multiples():
+    # Group 1's key pairs = group 0's rotated and scaled pair by pair (a complex multiple): one
+    # shared rope key then suffices once each group's factor is folded into its queries.
+    cfg = llama_config(heads=4, kv_heads=2)
+    attn = teacher(cfg)
+    d = 16
+    with torch.no_grad():
+        w = attn.k_proj.weight.view(2, d, -1)
+        z0 = torch.complex(w[0, : d // 2], w[0, d // 2:])
+        z1 = torch.polar(torch.rand(d // 2) + 0.5, torch.rand(d // 2) * 6.28)[:, None] * z0
+        w[1] = torch.cat([z1.real, z1.imag])
+    mla = mla_from_llama(attn, cfg, q_rank=0, kv_rank=32, d_rope=16, mode="preserve")  # [W_v] is 32 rows
+    x = torch.randn(2, 17, 48)
+    with torch.no_grad():
+        diff = (mla_out(mla, x) - teacher_out(attn, cfg, x)).abs().max().item()
+    assert diff <= 1e-5, diff
+
+
+def test_preserve_calibrated_fits_are_exact_at_full_rank_and_best_on_the_inputs():
+    cfg = llama_config(kv_heads=1)
+    attn = teacher(cfg)
+    mix = torch.randn(48, 48) * torch.logspace(0, -2, 48)  # strongly anisotropic inputs
+    calib, x = torch.randn(400, 48) @ mix, torch.randn(2, 19, 48) @ mix
+    with torch.no_grad():
+        full = mla_from_llama(attn, cfg, q_rank=48, kv_rank=16, d_rope=16, mode="preserve", inputs=calib)
+        assert (mla_out(full, x) - teacher_out(attn, cfg, x)).abs().max().item() <= 1e-5
+        # rank 4 of W_v (16 x 48): the whitened fit beats plain truncation on the calibration inputs,
+        # and its error is the closed-form tail of the spectrum of W_v L, X^T X / n = L L^T
+        w_v = attn.v_proj.weight
+        errs = []
+        for inputs in (calib, None):
+            mla = mla_from_llama(attn, cfg, q_rank=48, kv_rank=4, d_rope=16, mode="preserve", inputs=inputs)
+            recon = mla.kv_b_proj.weight @ mla.kv_a_proj_with_mqa.weight[:4]
+            errs.append(((recon - w_v) @ calib.T).pow(2).sum().item() / len(calib))
+        L = torch.linalg.cholesky(calib.T @ calib / len(calib))
+        tail = torch.linalg.svdvals(w_v @ L)[4:].pow(2).sum().item()
+    assert errs[0] < 0.5 * errs[1], errs
+    assert abs(errs[0] - tail) <= 1e-2 * tail, (errs[0], tail)
+
+
 def rope_interleaved(x, pos, theta):
     """DeepSeek/official RoPE: adjacent dims (2j, 2j+1) rotate as one complex number by pos * theta^(-2j/n)."""
     n = x.shape[-1]

@@ -38,9 +38,15 @@ from zebra.mla import MLAConfig, MLAttention
 #   unscaled teachers such as SmolLM2.
 # preserve (ours): rope = d_rope/2 whole teacher pairs (j, j + d/2) with the teacher's own
 #   frequencies (the highest ones, or MHA2MLA's query/key norm criterion); the kv SVD factors only
-#   the rows that are kept ([W_k nope rows ; W_v]). Exact for an MQA teacher at full rank with all
-#   pairs kept; otherwise the errors are the truncation, the dropped rotations of the nope pairs and
-#   (Hk > 1) the head-mean rope key.
+#   the rows that are kept ([W_k nope rows ; W_v]). The shared rope key is not a head mean: read a
+#   pair's two rows as one complex row (RoPE multiplies it by e^{i p f}); per pair the Hk keys get
+#   their best complex rank-1 fit k_g ~ a_g k, and since RoPE commutes with complex scaling,
+#   q_h . RoPE(a_g k) = (conj(a_g) q_h) . RoPE(k): a_g is folded into the query rows of group g's
+#   heads. Given the layer's inputs on calibration text, every fit is whitened by them
+#   (SVD-LLM style, see input_whitening): it then minimises the error on real inputs instead of
+#   in weight space. Exact for an MQA teacher at full rank with all pairs kept; otherwise the
+#   errors are the truncation, the dropped rotations of the nope pairs and (Hk > 1) the rank-1 fit
+#   of the keys.
 
 
 def energy_rank(singular_values: torch.Tensor, ratio: float, multiple: int = 8) -> int:
@@ -108,12 +114,51 @@ def rope_pair_scores(attn: LlamaAttention, inputs: torch.Tensor | None = None) -
     return (q_pair * k_pair).mean(0).sum(0)
 
 
-def svd_factors(w: torch.Tensor, rank: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (m n) ~ up @ down with down = S_r V_r^T (r n), up = U_r (m r); fp32 like the official code."""
+def input_whitening(inputs: torch.Tensor | None, dim: int, device) -> torch.Tensor | None:
+    """Lower Cholesky factor L of the inputs' second moment, X^T X / n = L L^T (dim dim), or None.
+
+    Fitting W L instead of W weighs errors by the real inputs: ||(W - W') x|| summed over the
+    calibration x equals ||(W - W') L||_F (SVD-LLM's truncation-aware whitening). A small ridge
+    (1e-4 of the mean diagonal) keeps L invertible."""
+    if inputs is None:
+        return None
+    x = inputs.float().to(device)
+    moment = x.T @ x / len(x)
+    ridge = 1e-4 * moment.diagonal().mean() * torch.eye(dim, device=device)
+    return torch.linalg.cholesky(moment + ridge)
+
+
+def svd_factors(w: torch.Tensor, rank: int, name: str, whiten: torch.Tensor | None = None):
+    """w (m n) ~ up @ down, up = U_r (m r), down = S_r V_r^T (r n); fp32 like the official code.
+
+    With `whiten` (L from input_whitening) the SVD is of w L and down = S_r V_r^T L^-1: the same
+    at full rank, the best rank r for the calibration inputs below it."""
     if not 1 <= rank <= min(w.shape):
         raise ValueError(f"{name} must be in [1, {min(w.shape)}] for a {tuple(w.shape)} matrix, got {rank}")
-    U, S, Vh = torch.linalg.svd(w.float(), full_matrices=False)
-    return S[:rank, None] * Vh[:rank], U[:, :rank]
+    U, S, Vh = torch.linalg.svd(w.float() if whiten is None else w.float() @ whiten, full_matrices=False)
+    down = S[:rank, None] * Vh[:rank]
+    if whiten is not None:
+        down = torch.linalg.solve_triangular(whiten, down, upper=False, left=False)
+    return down, U[:, :rank]
+
+
+def shared_rope_key(w_q_rope: torch.Tensor, w_k_rope: torch.Tensor, whiten: torch.Tensor | None = None):
+    """preserve's shared rope key: w_q_rope (H d_rope D), w_k_rope (Hk d_rope D), rotate-half layout
+    -> (query rope rows with the group factors folded in (H d_rope D), shared key rows (d_rope D)).
+
+    Pair j of group g as one complex row z_gj = row j + i row (j + d_rope/2); per pair the best
+    rank-1 fit z_gj ~ a_gj k_j (a complex SVD, whitened like svd_factors when `whiten` is given),
+    then each query pair of group g's heads is multiplied by conj(a_gj)."""
+    H, Hk, k = w_q_rope.shape[0], w_k_rope.shape[0], w_k_rope.shape[1] // 2
+    keys = torch.complex(w_k_rope[:, :k], w_k_rope[:, k:]).transpose(0, 1)  # (k Hk D)
+    whiten = None if whiten is None else whiten.to(keys.dtype)
+    U, S, Vh = torch.linalg.svd(keys if whiten is None else keys @ whiten, full_matrices=False)
+    key = S[:, :1] * Vh[:, 0]  # (k D)
+    if whiten is not None:
+        key = torch.linalg.solve_triangular(whiten, key, upper=False, left=False)
+    factor = U[:, :, 0].T.repeat_interleave(H // Hk, dim=0)  # (H k): a_gj of each query head's group
+    q = torch.complex(w_q_rope[:, :k], w_q_rope[:, k:]) * factor.conj()[..., None]
+    return torch.cat([q.real, q.imag], dim=1), torch.cat([key.real, key.imag])
 
 
 @torch.no_grad()
@@ -124,6 +169,8 @@ def mla_from_llama(attn: LlamaAttention, llama_cfg: LlamaConfig, q_rank: int, kv
 
     mode "official" | "preserve" (see above); rope_pairs (preserve only): "high_freq" keeps the
     d_rope/2 highest-frequency teacher pairs, "norm" the best by `rope_pair_scores(attn, inputs)`.
+    inputs (n D, preserve only): the layer's normed inputs on calibration text; given, every fit
+    (q and kv SVDs, the shared rope key) is whitened by them (see input_whitening).
     d_nope = head_dim - d_rope and v_head_dim = head_dim, so every teacher head dim is used once.
     latent_norm=True adds RMSNorms (weight 1) on the latents, as no released config does: the
     factors are the same, but the layer then no longer matches the SVD's function."""
@@ -133,8 +180,8 @@ def mla_from_llama(attn: LlamaAttention, llama_cfg: LlamaConfig, q_rank: int, kv
     if d_rope % 2 or not 0 < d_rope <= d:
         raise ValueError(f"d_rope must be even and in [2, head_dim={d}], got {d_rope}")
     if mode == "official":
-        if rope_pairs != "high_freq":
-            raise ValueError(f"rope_pairs {rope_pairs!r} applies to mode 'preserve' only")
+        if rope_pairs != "high_freq" or inputs is not None:
+            raise ValueError("rope_pairs and calibration inputs apply to mode 'preserve' only")
         nope, rope = official_dims(d, d_rope)
         inv_freq = None  # theta^(-2j/d_rope)
     elif mode == "preserve":
@@ -157,12 +204,17 @@ def mla_from_llama(attn: LlamaAttention, llama_cfg: LlamaConfig, q_rank: int, kv
     w_q = rearrange(attn.q_proj.weight.float(), "(h d) D -> h d D", d=d)
     w_k = rearrange(attn.k_proj.weight.float(), "(h d) D -> h d D", d=d)
     w_v = attn.v_proj.weight.float()
+    whiten = input_whitening(inputs, D, w_v.device) if mode == "preserve" else None
+    if mode == "official":
+        w_q_rope, k_rope = w_q[:, rope], w_k[:, rope].mean(0)  # head mean of the key's rope rows
+    else:
+        w_q_rope, k_rope = shared_rope_key(w_q[:, rope], w_k[:, rope], whiten)
 
     # Query. Regrouping rows before the SVD equals the official "SVD, then pick rows of U":
     # a row permutation of W_q permutes U's rows and leaves S and V alone.
-    w_q = rearrange(torch.cat([w_q[:, nope], w_q[:, rope]], dim=1), "h e D -> (h e) D")
+    w_q = rearrange(torch.cat([w_q[:, nope], w_q_rope], dim=1), "h e D -> (h e) D")
     if q_rank:
-        down, up = svd_factors(w_q, q_rank, "q_rank")
+        down, up = svd_factors(w_q, q_rank, "q_rank", whiten)
         mla.q_a_proj.weight.copy_(down)
         mla.q_b_proj.weight.copy_(up)
     else:
@@ -170,14 +222,14 @@ def mla_from_llama(attn: LlamaAttention, llama_cfg: LlamaConfig, q_rank: int, kv
 
     # Keys and values: one joint SVD (official: all key rows, preserve: only the nope rows).
     k_rows = w_k if mode == "official" else w_k[:, nope]
-    down, up = svd_factors(torch.cat([rearrange(k_rows, "g e D -> (g e) D"), w_v]), kv_rank, "kv_rank")
+    down, up = svd_factors(torch.cat([rearrange(k_rows, "g e D -> (g e) D"), w_v]), kv_rank, "kv_rank", whiten)
     up_k, up_v = up.split([k_rows.shape[0] * k_rows.shape[1], Hk * d])
     up_k = rearrange(up_k, "(g e) r -> g e r", g=Hk)
     if mode == "official":
         up_k = up_k[:, nope]  # the rope rows of U are discarded
     up_v = rearrange(up_v, "(g e) r -> g e r", g=Hk)
     mla.kv_b_proj.weight.copy_(rearrange(torch.cat([up_k, up_v], dim=1), "g e r -> (g e) r"))
-    mla.kv_a_proj_with_mqa.weight.copy_(torch.cat([down, w_k[:, rope].mean(0)]))
+    mla.kv_a_proj_with_mqa.weight.copy_(torch.cat([down, k_rope]))
     mla.out_proj.weight.copy_(attn.o_proj.weight)
     return mla.to(dtype)
 
