@@ -30,7 +30,7 @@ import triton.language as tl
 from zebra.kernels.ssd import _FP32_DOTS, tuning_configs
 
 _LOG2E = 1.4426950408889634
-_MIN_SPLIT_TOKENS = 256  # a split shorter than this costs more in the combine than it saves
+_MIN_SPLIT_TOKENS = 256  # shortest split (a guess): below it a program's fixed cost outweighs its keys
 
 
 def mla_decode_reference(q_latent, q_rope, c_kv, k_rope, left_pad, length: int, scale: float):
