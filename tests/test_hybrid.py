@@ -130,3 +130,20 @@ def test_student_spec_errors():
         StudentSpec(n_mla=2, mla_init="svd")
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         StudentSpec(mla_layers=[0, 4]).plan(4)
+
+
+@pytest.mark.slow
+def test_default_teacher_into_hybrid_gives_finite_logits(teacher_dir):
+    from zebra.hub import load_llama
+
+    teacher, tok = load_llama(teacher_dir)
+    plan = ["mla" if i in (0, 5, 10, 16, 21, 27) else "mamba2" for i in range(30)]
+    mla = build_student(teacher, "mla", q_rank=0, kv_rank=64, d_rope=32, mla_init="preserve")
+    mamba = build_student(teacher, "mamba2")
+    hybrid = stitch(plan, mla, mamba, teacher).eval()
+    ids = torch.tensor([tok.encode("The capital of France is Paris, and the capital of Italy is")])
+    with torch.no_grad():
+        logits = hybrid(ids)
+    assert logits.shape == (1, ids.shape[1], 49152) and torch.isfinite(logits).all()
+    report = cache_report(hybrid.config, seq_len=4096)
+    assert report["kv_bytes_per_token"] == 6 * 96 * 2 and round(report["kv_percent"], 2) == 5.0
