@@ -39,7 +39,7 @@ def kernels():
     import triton
 
     found = []
-    for module in ("ssd", "conv1d", "ssd_step"):
+    for module in ("ssd", "ssd_bwd", "conv1d", "ssd_step"):
         for name, obj in vars(importlib.import_module(f"zebra.kernels.{module}")).items():
             if isinstance(obj, triton.runtime.Autotuner):
                 found.append((name, obj.fn, [(c.kwargs, c.num_warps, c.num_stages)

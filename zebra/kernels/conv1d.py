@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zebra.kernels.ssd import tuning_configs
+from zebra.kernels._triton import tuning_configs
 
 _CONFIGS = tuning_configs([triton.Config({"BLOCK_L": 32, "BLOCK_C": 64}, num_warps=4),
                            triton.Config({"BLOCK_L": 64, "BLOCK_C": 128}, num_warps=4)])
