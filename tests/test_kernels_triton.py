@@ -72,15 +72,25 @@ def test_ssd_scan_forward_and_grads(l, h, hx, gb, gc, p, n, chunk, options):
     assert_close_named(dict(zip(used, grads)), dict(zip(used, grads_ref)), 1e-3)
 
 
-def test_ssd_scan_bf16_forward():
-    inp = ssd_inputs(2, 100, 4, 2, 2, 2, 16, 32, seed=1, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_ssd_scan_half_precision(dtype, tol):
+    """16-bit inputs: output in the input dtype, within its rounding of the fp64 reference
+    (the interpreter's products are fp32, so this checks the rounding of inputs and outputs)."""
+    inp = ssd_inputs(2, 100, 4, 2, 2, 2, 16, 32, seed=1, dtype=dtype)
     kw = dict(D=inp["D"], z=inp["z"], dt_bias=inp["dt_bias"], dt_softplus=True,
               initial_state=inp["initial_state"], return_final_state=True, chunk_size=32)
-    args = [inp[k] for k in ("x", "dt", "A", "B", "C")]
-    y, final = ssd_scan(*args, **kw)
-    y_ref, final_ref = ref.ssd_chunked(*[a.double() for a in args], **kw)
-    assert y.dtype == torch.bfloat16
-    assert_close_named({"y": y, "final_state": final}, {"y": y_ref, "final_state": final_ref}, 1e-2)
+    names = ("x", "dt", "B", "C")
+    leaves = {k: inp[k].clone().requires_grad_(True) for k in names}
+    leaves64 = {k: inp[k].double().requires_grad_(True) for k in names}
+    y, final = ssd_scan(**leaves, A=inp["A"], **kw)
+    y_ref, final_ref = ref.ssd_chunked(**leaves64, A=inp["A"], **kw)
+    assert y.dtype == dtype
+    dy = torch.randn_like(y_ref)
+    grads = torch.autograd.grad((y.double() * dy).sum(), list(leaves.values()))
+    grads_ref = torch.autograd.grad((y_ref * dy).sum(), list(leaves64.values()))
+    assert all(g.dtype == dtype for g in grads)
+    assert_close_named({"y": y, "final_state": final, **dict(zip(names, grads))},
+                       {"y": y_ref, "final_state": final_ref, **dict(zip(names, grads_ref))}, tol)
 
 
 def test_ssd_scan_rejects_bad_shapes():
