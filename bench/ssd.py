@@ -1,6 +1,7 @@
 """SSD scan on the GPU: our Triton kernel vs the reference, mamba_ssm and flash-linear-attention.
 
-    PYTHONPATH=.peers/site python bench/ssd.py [--chunks 64,128] [--quick] [--no-peer-checks]
+    PYTHONPATH=.peers/site python bench/ssd.py [--chunks 64,128] [--shapes llama1b,smollm2]
+        [--no-peer-checks]
 
 Peers (never committed; .peers/ as ../shared/gpu/PEERS.md says): mamba_ssm's Triton
 `mamba_chunk_scan_combined` (imported without its CUDA extensions) and fla's `chunk_simple_gla`
@@ -133,15 +134,20 @@ def gbytes(inp, bwd):
     return (2 * fwd + y) / 1e9 if bwd else fwd / 1e9  # bwd: the same tensors again, + dout
 
 
-def timing(peers, chunks, quick):
+# name: (b, l, h, hx, gb, gc, p, n)
+SHAPES = {"mamba2-2k": (8, 2048, 32, 32, 1, 1, 64, 128),
+          "mamba2-4k": (8, 4096, 32, 32, 1, 1, 64, 128),
+          "mamba2-8k": (8, 8192, 32, 32, 1, 1, 64, 128),
+          "llama1b": (8, 4096, 32, 8, 8, 32, 64, 64),
+          "smollm2": (8, 4096, 9, 3, 3, 9, 64, 64)}
+
+
+def timing(peers, chunks, names):
     copy = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
     bw = 2 * copy.numel() / do_bench(lambda: copy.clone(), return_mode="median") / 1e6
     del copy
     print(f"\n== timing (median ms; copy bandwidth {bw:.0f} GB/s, read + write) ==")
-    shapes = [("mamba2", 8, l, 32, 32, 1, 1, 64, 128) for l in (2048, 4096, 8192)]
-    shapes += [("llama1b", 8, 4096, 32, 8, 8, 32, 64, 64), ("smollm2", 8, 4096, 9, 3, 3, 9, 64, 64)]
-    if quick:
-        shapes = shapes[1:2] + shapes[3:4]
+    shapes = [(name, *SHAPES[name]) for name in names]
     print("| shape | l | kernel (chunk) | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s |")
     print("|---|---|---|---|---|---|---|")
     for name, *shape in shapes:
@@ -178,10 +184,10 @@ def timing(peers, chunks, quick):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--chunks", default="64,128", help="our chunk sizes to time")
-    ap.add_argument("--quick", action="store_true", help="two shapes only")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"some of {','.join(SHAPES)}")
     ap.add_argument("--no-peer-checks", action="store_true", help="check ours vs reference only")
     args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     peers = load_peers()
     checks({} if args.no_peer_checks else peers)
-    timing(peers, [int(c) for c in args.chunks.split(",")], args.quick)
+    timing(peers, [int(c) for c in args.chunks.split(",")], args.shapes.split(","))
