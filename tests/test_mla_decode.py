@@ -166,6 +166,7 @@ def compile_one(job):
     return f"{name} {index} {target[0]} {options} {overrides}"
 
 
+@pytest.mark.slow  # 4 builds, about 30 s on 2 cores
 def test_kernels_compile_for_rocm_and_cuda(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # build from scratch, not from a cache

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zebra.kernels.ssd import _FP32_DOTS, tuning_configs
+from zebra.kernels._triton import FP32_DOTS, block, tuning_configs
 
 _LOG2E = 1.4426950408889634
 _MIN_SPLIT_TOKENS = 256  # shortest split (a guess): below it a program's fixed cost outweighs its keys
@@ -62,7 +62,7 @@ def _mla_decode_split_kernel(ql_ptr, qr_ptr, ckv_ptr, kr_ptr, start_ptr, out_ptr
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_r, offs_d = tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_DR)
     mask_h, mask_r, mask_d = offs_h < H, offs_r < R, offs_d < DR
-    dot_dtype = tl.float32 if _FP32_DOTS else ckv_ptr.dtype.element_ty
+    dot_dtype = tl.float32 if FP32_DOTS else ckv_ptr.dtype.element_ty
     q_lat = tl.load(ql_ptr + pid_b * stride_qlb + offs_h[:, None] * stride_qlh + offs_r[None, :],
                     mask=mask_h[:, None] & mask_r[None, :], other=0.0).to(dot_dtype)
     q_rope = tl.load(qr_ptr + pid_b * stride_qrb + offs_h[:, None] * stride_qrh + offs_d[None, :],
@@ -158,7 +158,7 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, left_pad, length: int, scale: flo
     q_latent, q_rope, c_kv, k_rope = (t if t.stride(-1) == 1 else t.contiguous()
                                       for t in (q_latent, q_rope, c_kv, k_rope))
     q_latent, q_rope = q_latent.to(c_kv.dtype), q_rope.to(c_kv.dtype)
-    block_h = max(16, min(64, triton.next_power_of_2(H)))  # tl.dot needs M >= 16
+    block_h = min(64, block(H))  # heads are the M side of the matrix products
     head_blocks = triton.cdiv(H, block_h)
     splits = num_splits or default_splits(b, head_blocks, length, c_kv.device)
     split_len = triton.cdiv(triton.cdiv(length, splits), 64) * 64  # whole key tiles per split
@@ -168,13 +168,13 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, left_pad, length: int, scale: flo
     if splits > 1:
         part = torch.empty(b, splits, H, r, dtype=torch.float32, device=out.device)
         ml = torch.empty(b, splits, H, 2, dtype=torch.float32, device=out.device)
-    block_r = max(16, triton.next_power_of_2(r))
+    block_r = block(r)
     _mla_decode_split_kernel[(splits, b, head_blocks)](
         q_latent, q_rope, c_kv, k_rope, left_pad, out, part, ml, H, r, d_rope, length, split_len,
         splits, scale * _LOG2E, q_latent.stride(0), q_latent.stride(1), q_rope.stride(0),
         q_rope.stride(1), c_kv.stride(0), c_kv.stride(1), k_rope.stride(0), k_rope.stride(1),
         SINGLE=splits == 1, BLOCK_H=block_h, BLOCK_R=block_r,
-        BLOCK_DR=max(16, triton.next_power_of_2(d_rope)))
+        BLOCK_DR=block(d_rope))
     if splits > 1:
         _mla_decode_combine_kernel[(b, H)](part, ml, out, H, r, splits,
                                            BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r)
