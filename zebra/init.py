@@ -24,18 +24,18 @@ from zebra.mla import MLAConfig, MLAttention
 # code; with the latent norms off this placement does not change the function):
 #     W_q regrouped per head [nope | rope]  = U S V^T:  q_a = S_r V_r^T,   q_b = U_r
 #     [W_k rows ; W_v]                      = U S V^T:  kv_a latent rows = S_r V_r^T,  kv_b = U_r
-#     shared rope key rows of kv_a          = mean over the Hk key heads of W_k's rope rows
+#     shared rope key rows of kv_a          = one key for all heads from W_k's rope rows (below)
 #     out_proj                              = W_o
 # GQA stays inside kv_b: it has Hk groups of [k_nope | v], repeated to H heads at attention time.
 #
 # official (OFFICIAL.md section 2): nope = the FIRST d_nope dims of each head, rope = the LAST
 #   d_rope dims re-paired as adjacent pairs (2j, 2j+1) at frequencies theta^(-2j/d_rope); the kv
 #   SVD factors all d key rows and then drops the rope rows of U. Not function-preserving even at
-#   full rank (the teacher pairs j with j + d/2, the first half loses its rotation, the rope key is a
-#   head mean, and part of the kv rank is spent on discarded rows): by design of the original, ILD
-#   repairs it. Departure: for teachers with rope_scaling the official code uses YaRN inside MLA
-#   (with its mscale quirk); we keep the plain theta^(-2j/d_rope) that the official code uses for
-#   unscaled teachers such as SmolLM2.
+#   full rank (the teacher pairs j with j + d/2, the first half loses its rotation, the rope key is
+#   the mean of the Hk heads' rope rows, and part of the kv rank is spent on discarded rows): by
+#   design of the original, ILD repairs it. Departure: for teachers with rope_scaling the official
+#   code uses YaRN inside MLA (with its mscale quirk); we keep the plain theta^(-2j/d_rope) that it
+#   uses for unscaled teachers such as SmolLM2.
 # preserve (ours): rope = d_rope/2 whole teacher pairs (j, j + d/2) with the teacher's own
 #   frequencies (the highest ones, or MHA2MLA's query/key norm criterion); the kv SVD factors only
 #   the rows that are kept ([W_k nope rows ; W_v]). The shared rope key is not a head mean: read a

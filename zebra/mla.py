@@ -66,7 +66,8 @@ class MLAConfig:
         if self.d_nope + self.d_rope < 1:
             raise ValueError("d_nope + d_rope must be at least 1")
         if self.rope_inv_freq is not None and len(self.rope_inv_freq) != self.d_rope // 2:
-            raise ValueError(f"rope_inv_freq has {len(self.rope_inv_freq)} values, expected d_rope/2 = {self.d_rope // 2}")
+            raise ValueError(f"rope_inv_freq has {len(self.rope_inv_freq)} values, "
+                             f"expected d_rope/2 = {self.d_rope // 2}")
 
     def inv_freq(self) -> torch.Tensor:
         """Pair frequencies (d_rope/2,): explicit, or the official theta^(-2j/d_rope)."""
