@@ -2,7 +2,7 @@
 
     python bench/train_step.py [--quick] [--batch 4] [--seq 2048]
 
-Steps (the losses of zebra.pipeline's kd and ild stages, written out here with zebra.losses):
+Steps (the loss closures of zebra.pipeline's kd and ild stages):
     kd    teacher forward (no grad) -> final hidden; student (8mla-8m2 hybrid) forward + backward
           through the chunked KD loss (KL, T = 1, chunk 1024), AdamW step. The teacher is the
           Llama-3.2-1B shape (the issue's 1B shapes; the paper distils its 1B from an 8B).
@@ -32,9 +32,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import datasheet, matmul_flops, print_header, table  # noqa: E402
 from bench.decode import SHAPE, build  # noqa: E402
 from zebra.config import LlamaConfig  # noqa: E402
-from zebra.losses import ild_loss, kd_loss  # noqa: E402
+from zebra.pipeline import KDStage, ild_loss_fn, kd_loss_fn  # noqa: E402
+from zebra.trainer import TrainConfig  # noqa: E402
 from zebra.mamba2 import Mamba2  # noqa: E402
 from zebra.mla import MLAttention  # noqa: E402
+
+
+KD = KDStage(train=TrainConfig(max_steps=1, lr=1e-5))  # KL only, T = 1, chunk 1024: the pipeline's defaults
 
 
 def flops_per_token(model, seq: int, with_head: bool) -> float:
@@ -55,39 +59,26 @@ def flops_per_token(model, seq: int, with_head: bool) -> float:
     return flops
 
 
-def kd_step(student, teacher, ids, targets, opt):
-    with torch.no_grad():
-        t_hidden = teacher(ids, return_hidden=True)
-    s_hidden = student(ids, return_hidden=True)
-    out = kd_loss(s_hidden, t_hidden, student.lm_head.weight, teacher.lm_head.weight, targets, chunk_size=1024)
-    out.loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+def step_with(loss_fn):
+    """One optimizer step of a zebra.pipeline stage loss on a batch."""
+    def step(student, batch, opt):
+        loss, _ = loss_fn(student, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
-def ild_step(student, teacher, ids, targets, opt):
-    with torch.no_grad():
-        t_hs = []
-        t_final = teacher(ids, hidden_states=t_hs, return_hidden=True)
-    s_hs = []
-    s_final = student(ids, hidden_states=s_hs, return_hidden=True, layer_inputs=[x for x, _, _ in t_hs])
-    loss = ild_loss([o for _, o, _ in s_hs] + [s_final], [o for _, o, _ in t_hs] + [t_final],
-                    [m for _, _, m in s_hs], [m for _, _, m in t_hs])
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def measure(step, student, teacher, b: int, seq: int, warmup: int, steps: int) -> float:
+def measure(step, student, b: int, seq: int, warmup: int, steps: int) -> float:
     """Median seconds per step."""
     ids = torch.randint(0, 1000, (b, seq), device="cuda")
-    targets = torch.roll(ids, -1, dims=1)
+    batch = {"input_ids": ids, "targets": torch.roll(ids, -1, dims=1), "loss_mask": torch.ones_like(ids, dtype=torch.bool)}
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5, fused=True)
     times = []
     for i in range(warmup + steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        step(student, teacher, ids, targets, opt)
+        step(student, batch, opt)
         end.record()
         torch.cuda.synchronize()
         if i >= warmup:
@@ -118,7 +109,8 @@ def main():
         fwd_t = flops_per_token(teacher, seq, with_head=stage == "kd")
         torch.cuda.reset_peak_memory_stats()
         try:
-            sec = measure(kd_step if stage == "kd" else ild_step, student, teacher, b, seq, warmup, steps)
+            loss_fn = kd_loss_fn(teacher, KD) if stage == "kd" else ild_loss_fn(teacher)
+            sec = measure(step_with(loss_fn), student, b, seq, warmup, steps)
             flops = (3 * fwd_s + fwd_t) * b * seq
             rows.append({"step": stage, "student": name, "b": b, "seq": seq, "ms": sec * 1e3,
                          "tokens/s": b * seq / sec, "TFLOP/s": flops / sec / 1e12,
