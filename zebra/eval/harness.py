@@ -15,9 +15,11 @@ with stderr = sample std / sqrt(n); lambada's perplexity = exp(-mean ll) with a 
 (lm-eval: 100k resamples, sample std of the resampled perplexities).
 
 Batching: sequences are sorted by length (longest first), right-padded (causal, so padding never
-reaches a scored position) and run `batch_size` at a time. Identical inputs are run once: the
-choices of a doc share their context tokens, and when choices differ only in their last token
-(e.g. boolq " no"/" yes") the whole input is the same and one forward scores them all.
+reaches a scored position) and run `batch_size` at a time. Identical inputs are run once (lm-eval's
+one-token-continuation cache): when a doc's choices differ only in their last token (boolq
+" no"/" yes", one-token answers), the input c[:-1] is the same and one forward scores them all.
+Longer choices still recompute their shared context: sharing it through a decoding cache would
+need every model's cache to copy its rows (one context row -> one row per choice).
 """
 
 import math
@@ -118,6 +120,8 @@ def score_docs(task: Task, docs: list[Doc], results: list[list[tuple[float, bool
 def evaluate_task(model: Model, tokenizer, task: Task, docs: list[Doc], batch_size: int = 16,
                   max_length: int = 2048, device: str | torch.device = "cpu", add_bos: bool = False) -> dict:
     """Encode every doc's pairs, score them in one batched pass, aggregate the task's metrics."""
+    if add_bos and tokenizer.bos_token_id is None:
+        raise ValueError("add_bos: the tokenizer has no bos_token_id")
     flat = [encode_pair(tokenizer, ctx, cont, add_bos) for doc in docs for ctx, cont in doc.pairs]
     lls = loglikelihoods(model, flat, batch_size, max_length, device, progress=task.name)
     results, k = [], 0
