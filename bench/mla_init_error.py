@@ -5,9 +5,9 @@ template), the relative output error of the MLA layer that replaces its attentio
 
     err = ||MLA(n) - Attn(n)|| / ||Attn(n)||,   n = the layer's normed input on the teacher's own run
 
-for the init modes official, preserve (highest-frequency pairs, weight-space fits), pres-cal
-(preserve with its fits whitened by separate calibration text) and pres-norm (pres-cal with the pairs
-chosen by MHA2MLA's norm criterion), at several kv ranks with d_rope 32 and a full-rank query,
+for the init modes official, preserve (highest-frequency pairs, weight-space fits), preserve with
+its fits whitened by separate calibration text, and the same with the pairs chosen by MHA2MLA's
+norm criterion, at several kv ranks with d_rope 32 and a full-rank query,
 then the layer means for a full-rank and an r_q = 400 query.
 
     OMP_NUM_THREADS=1 python bench/mla_init_error.py [--model smollm2-135m-instruct] [--tokens 2048]
@@ -26,8 +26,8 @@ from zebra.init import mla_from_llama
 
 DATA = "data/hh_rlhf/helpful-base_test.chat500.jsonl.gz"
 # (column, mode, rope pairs, calibrated): calibrated inits whiten their fits by separate text
-MODES = [("official", "official", "high_freq", False), ("preserve", "preserve", "high_freq", False),
-         ("pres-cal", "preserve", "high_freq", True), ("pres-norm", "preserve", "norm", True)]
+MODES = [("off", "official", "high_freq", False), ("pw", "preserve", "high_freq", False),
+         ("pc", "preserve", "high_freq", True), ("pn", "preserve", "norm", True)]
 
 
 @torch.no_grad()
@@ -77,17 +77,16 @@ def main():
     print(f"teacher {args.model}: H {cfg.num_attention_heads}, Hk {cfg.num_key_value_heads}, d {cfg.head_dim}; "
           f"{n * args.seq_len} tokens of hh-rlhf; d_rope 32, d_nope {cfg.head_dim - 32}; rel. output error")
     names = [m[0] for m in MODES]
-    print("columns: init@r_kv; official = OFFICIAL.md section 2; preserve = whole teacher pairs, weight-space "
-          "fits; pres-cal = preserve whitened by calibration text; pres-norm = pres-cal with MHA2MLA norm pairs")
-    print(" ".join(f"{m}@{r}" for m in names for r in kv_ranks))
-    header = " ".join(f"{f'{m[:4]}@{r}':>8}" for m in names for r in kv_ranks)
+    print("columns init@r_kv: off = official (OFFICIAL.md section 2); pw = preserve, weight-space fits; "
+          "pc = preserve whitened by calibration text; pn = pc with MHA2MLA norm-chosen pairs")
+    header = " ".join(f"{f'{m}@{r}':>7}" for m in names for r in kv_ranks)
     print(f"\nr_q = full, per layer\n{'layer':>5} {header}")
     for i in range(cfg.num_hidden_layers):
-        print(f"{i:>5} " + " ".join(f"{errors[i, 0, r, m]:>8.3f}" for m in names for r in kv_ranks))
+        print(f"{i:>5} " + " ".join(f"{errors[i, 0, r, m]:>7.3f}" for m in names for r in kv_ranks))
     for q_rank in (0, 400):
         mean = [sum(errors[i, q_rank, r, m] for i in range(cfg.num_hidden_layers)) / cfg.num_hidden_layers
                 for m in names for r in kv_ranks]
-        print(f"{'mean':>5} " + " ".join(f"{e:>8.3f}" for e in mean) + f"   (r_q = {q_rank or 'full'})")
+        print(f"{'mean':>5} " + " ".join(f"{e:>7.3f}" for e in mean) + f"   (r_q = {q_rank or 'full'})")
 
 
 if __name__ == "__main__":
