@@ -307,12 +307,13 @@ def build_student(teacher: LlamaForCausalLM, kind: str, q_rank: int = 0, kv_rank
     """A full-depth student of one kind ("mla" or "mamba2") initialised from `teacher`.
 
     ranks: per-layer (r_q, r_kv) overriding q_rank/kv_rank (e.g. init.energy_ranks).
-    calib_ids (b l): calibration tokens for rope_pairs="norm" (each layer's normed inputs)."""
+    calib_ids (b l), preserve mode only: calibration tokens; each MLA fit is then weighted by its
+    layer's normed inputs on them (and rope_pairs="norm" picks pairs by them)."""
     if kind not in ("mla", "mamba2"):
         raise ValueError(f"student kind must be 'mla' or 'mamba2', got {kind!r}")
     base, L = teacher.config, teacher.config.num_hidden_layers
     layer_inputs = [None] * L
-    if kind == "mla" and rope_pairs == "norm" and calib_ids is not None:
+    if kind == "mla" and mla_init == "preserve" and calib_ids is not None:
         hs = []
         teacher.model(calib_ids, hidden_states=hs)
         layer_inputs = [teacher.model.layers[i].input_layernorm(x).flatten(0, 1) for i, (x, _, _) in enumerate(hs)]

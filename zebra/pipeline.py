@@ -237,9 +237,9 @@ def stage_init(run: Run):
     spec, out = run.cfg.student, run.stage_dir("init")
     ranks = energy_ranks(teacher, spec.q_energy, spec.kv_energy, spec.q_rank, spec.kv_rank) if spec.q_energy else None
     calib = None
-    if spec.rope_pairs == "norm":
+    if spec.mla_init == "preserve":  # fit each MLA layer on ~2k tokens of real inputs (zebra.init)
         ild, _ = run.sft_samples()
-        calib = next(run.packed(ild, 4))["input_ids"]
+        calib = next(run.packed(ild, max(1, 2048 // run.cfg.data.seq_len)))["input_ids"]
     if run.info.is_main:
         for kind in ("mla", "mamba2"):
             student = build_student(teacher, kind, spec.q_rank, spec.kv_rank, spec.d_rope, spec.mla_init,
