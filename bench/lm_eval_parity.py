@@ -51,17 +51,17 @@ def run_lm_eval(lm_eval: str, model_dir: Path, tasks, device: str, batch_size: i
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def lm_eval_results(task: str) -> tuple[dict, list]:
-    """{metric: value} and [(request pairs, lls) per doc] of the newest lm-eval run of `task`."""
+def lm_eval_results(task: str, n: int) -> tuple[dict, list]:
+    """{metric: value} and [(request pairs, lls) per doc] of the newest lm-eval run of `task` on n docs."""
     name = f"zebra_{task}"
     files = sorted((OUT / "lm_eval").rglob("results_*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for f in files:
-        results = json.loads(f.read_text())["results"]
-        if name in results:
+        saved = json.loads(f.read_text())
+        if saved["n-samples"].get(name, {}).get("effective") == n:
             break
     else:
-        raise SystemExit(f"no lm-eval results for {task} under {OUT / 'lm_eval'}: run without --skip-lm-eval first")
-    metrics = {k.split(",")[0]: v for k, v in results[name].items() if k.endswith(",none")}
+        raise SystemExit(f"no lm-eval results for {task} on {n} docs under {OUT / 'lm_eval'}")
+    metrics = {k.split(",")[0]: v for k, v in saved["results"][name].items() if k.endswith(",none")}
     stamp = f.stem.removeprefix("results_")
     docs = [json.loads(line) for line in open(f.parent / f"samples_{name}_{stamp}.jsonl")]
     return metrics, [([list(a.values()) for a in d["arguments"].values()], [float(r[0][0]) for r in d["resps"]])
@@ -81,18 +81,16 @@ def run_ours(model_source, tasks, device, batch_size):
             k += len(d.pairs)
         out = {"metrics": score_docs(task, docs, per_doc), "lls": [[ll for ll, _ in r] for r in per_doc],
                "pairs": [d.pairs for d in docs], "seconds": time.time() - t0}
-        (OUT / f"zebra_{task.name}.json").write_text(json.dumps(out))
+        (OUT / f"zebra_{task.name}_{len(docs)}.json").write_text(json.dumps(out))
 
 
-def compare(tasks, tolerance: float) -> bool:
+def compare(tasks, n: int, tolerance: float) -> bool:
     print("| task | n | metric | lm-eval | zebra | abs diff | same request strings | max abs diff log-lik |")
     print("|---|---|---|---|---|---|---|---|")
     ok = True
     for task in tasks:
-        ref_metrics, ref = lm_eval_results(task.name)
-        mine = json.loads((OUT / f"zebra_{task.name}.json").read_text())
-        if len(ref) != len(mine["lls"]):
-            raise SystemExit(f"{task.name}: lm-eval scored {len(ref)} docs, zebra {len(mine['lls'])}")
+        ref_metrics, ref = lm_eval_results(task.name, n)
+        mine = json.loads((OUT / f"zebra_{task.name}_{n}.json").read_text())
         same = sum(pairs == [list(p) for p in ours_pairs] for (pairs, _), ours_pairs in zip(ref, mine["pairs"]))
         max_dll = max(abs(a - b) for (_, la), lb in zip(ref, mine["lls"]) for a, b in zip(la, lb))
         ok &= same == len(ref)
@@ -131,7 +129,7 @@ def main():
         run_ours(model_dir, tasks, args.device, args.batch_size)
         print(f"zebra: {time.time() - t0:.0f} s", flush=True)
     if args.skip_lm_eval == args.skip_ours:  # both ran here, or both skipped: compare
-        sys.exit(0 if compare(tasks, args.tolerance) else 1)
+        sys.exit(0 if compare(tasks, args.limit, args.tolerance) else 1)
 
 
 if __name__ == "__main__":
