@@ -192,8 +192,10 @@ class Run:
         if self._samples is None:
             _, tok = self.teacher()
             d = self.cfg.data
-            samples = [s for src in d.sft
-                       for s in zdata.load_sft(*source_split(src), tok, assistant_only=d.assistant_only)]
+            samples = []
+            for src in d.sft:
+                name, split = source_split(src)
+                samples += zdata.load_sft(name, tok, assistant_only=d.assistant_only, split=split)
             order = np.random.default_rng(self.cfg.seed).permutation(len(samples))
             cut = round(d.ild_fraction * len(samples))
             self._samples = [samples[i] for i in order[:cut]], [samples[i] for i in order[cut:]]
@@ -382,8 +384,10 @@ def dpo_loss_fn(reference, beta: float):
 def stage_dpo(run: Run):
     _, tok = run.teacher()
     d, stage, out = run.cfg.data, run.cfg.dpo, run.stage_dir("dpo")
-    pairs = [p for src in d.preference for p in zdata.load_pairs(source_split(src)[0], tok, d.max_length,
-                                                                  d.max_prompt_length, split=source_split(src)[1])]
+    pairs = []
+    for src in d.preference:
+        name, split = source_split(src)
+        pairs += zdata.load_pairs(name, tok, d.max_length, d.max_prompt_length, split=split)
     policy = from_pretrained(stage.init_from or run.stage_dir("kd") / "model")
     reference = run.frozen(policy, stage.train)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
