@@ -84,11 +84,17 @@ def read_text(spec: str, split: str) -> str:
     return "\n\n".join(rows["text"])
 
 
+def model_name(source: str) -> str:
+    """A short name for tables: the directory's name, or run-stage for a pipeline's <run>/<stage>/model."""
+    path = Path(source)
+    return f"{path.parent.parent.name}-{path.parent.name}" if path.name == "model" else path.name
+
+
 def evaluate_model(source: str, args, task_docs: dict) -> dict:
     dtype = getattr(torch, args.dtype)
     model, tokenizer = load_model(source, device=args.device, dtype=dtype)
     max_length = args.max_length or model.config.max_position_embeddings
-    result = {"model": Path(source).name, "source": str(source),
+    result = {"model": model_name(source), "source": str(source),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "config": model.config.to_dict(),
               "settings": {"limit": args.limit, "batch_size": args.batch_size, "max_length": max_length,
