@@ -1,6 +1,7 @@
 """Triton kernels vs the torch references (FLA-style: odd lengths, groups, every gradient).
 
-On CPU these run under TRITON_INTERPRET=1 (tests/conftest.py). Ground truth is the reference in
+Gradients come from the backward kernels in zebra/kernels/ssd_bwd.py (through ssd_scan's
+autograd.Function). On CPU these run under TRITON_INTERPRET=1 (tests/conftest.py). Ground truth is the reference in
 fp64; errors are relative RMS ||got - ref|| / ||ref||, named per tensor in the assert message.
 """
 

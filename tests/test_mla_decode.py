@@ -2,14 +2,9 @@
 
 On CPU the kernel runs under TRITON_INTERPRET=1 (tests/conftest.py). Ground truth is
 mla_decode_reference in fp64, itself checked against MLAttention.attend_absorbed (the MLA
-engineer's decode math) under zebra.llama.Cache's mask. Then every kernel and autotune config
-compiles ahead of time for ROCm gfx942 and CUDA sm_90, as the SSD kernels do.
+engineer's decode math) under zebra.llama.Cache's mask. The ahead-of-time builds for ROCm gfx942
+and CUDA sm_90 are in tests/test_kernels_compile.py with every other kernel.
 """
-
-import os
-import subprocess
-import sys
-from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -114,70 +109,3 @@ def test_kernel_rejects_bad_inputs():
         mla_decode(q_lat, q_rope, c_kv[:, :, :8], k_rope, torch.zeros(2, dtype=torch.long), 10, 1.0)
     with pytest.raises(ValueError, match="length"):
         mla_decode(q_lat, q_rope, c_kv, k_rope, torch.zeros(2, dtype=torch.long), 11, 1.0)
-
-
-# ---------------------------------------------------------------------------------------
-# Ahead-of-time builds (a subprocess: the kernels must be real triton.jit, not the interpreter's)
-
-KERNELS = ("_mla_decode_split_kernel", "_mla_decode_combine_kernel")
-TARGETS = {("hip", "gfx942", 64): ("amdgcn", "hsaco"), ("cuda", 90, 32): ("ptx", "cubin")}
-# Zebra's 1B MLA shape (H = 32, r_kv = 128, d_rope = 32), bf16 data, fp32 partials.
-CONSTEXPRS = dict(SINGLE=False, BLOCK_H=32, BLOCK_R=128, BLOCK_DR=32, BLOCK_S=16)
-FP32_POINTERS = {"part_ptr", "ml_ptr"}
-
-
-def build_jobs():
-    """(kernel name, config index, target) for each autotune config of each kernel."""
-    from zebra.kernels import mla_decode as mod
-
-    n_configs = {name: len(getattr(getattr(mod, name), "configs", [None])) for name in KERNELS}
-    return [(name, i, t) for name, n in n_configs.items() for i in range(n) for t in TARGETS]
-
-
-def compile_one(job):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from zebra.kernels import mla_decode as mod
-
-    name, index, target = job
-    obj = getattr(mod, name)
-    fn, options, overrides = obj, dict(num_warps=4, num_stages=2), {}
-    if isinstance(obj, triton.runtime.Autotuner):
-        config = obj.configs[index]
-        fn, overrides = obj.fn, config.kwargs
-        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-    sig, constexprs = {}, {}
-    for arg in fn.arg_names:
-        if arg in overrides or arg in CONSTEXPRS:
-            sig[arg] = "constexpr"
-            constexprs[arg] = overrides.get(arg, CONSTEXPRS.get(arg))
-        elif arg == "start_ptr":
-            sig[arg] = "*i64"
-        elif arg.endswith("_ptr"):
-            sig[arg] = "*fp32" if arg in FP32_POINTERS else "*bf16"
-        else:
-            sig[arg] = "fp32" if arg == "qk_scale" else "i32"
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                              target=GPUTarget(*target), options=options)
-    missing = [k for k in TARGETS[target] if not compiled.asm.get(k)]
-    assert not missing, f"{name} {target}: no {missing}"
-    return f"{name} {index} {target[0]} {options} {overrides}"
-
-
-@pytest.mark.slow  # 4 builds, about 30 s on 2 cores
-def test_kernels_compile_for_rocm_and_cuda(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # build from scratch, not from a cache
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    built = {(line.split()[0], line.split()[2]) for line in proc.stdout.splitlines()}
-    assert built == {(k, t) for k in KERNELS for t in ("hip", "cuda")}, proc.stdout
-
-
-if __name__ == "__main__":
-    with ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        print("\n".join(pool.map(compile_one, build_jobs())))
