@@ -98,3 +98,50 @@ def test_wrong_schema_fails_before_the_init_stage(tmp_path, tiny_teacher_dir):
 def test_shipped_configs_load():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=100.0)
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+def fit(model, loss_fn, steps=30, lr=3e-3):
+    """Plain AdamW on one fixed batch; returns (first loss, last loss)."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, 64, (4, 24))
+    batch = {"input_ids": ids, "targets": torch.roll(ids, -1, 1), "loss_mask": torch.ones_like(ids, dtype=torch.bool)}
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss, _ = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses[0], losses[-1]
+
+
+@pytest.mark.parametrize("kind", ["mla", "mamba2"])
+def test_ild_loss_of_the_stage_falls(kind):
+    from zebra.hybrid import build_student
+    from zebra.pipeline import ild_loss_fn
+
+    teacher = tiny_llama()
+    student = build_student(teacher, kind, kv_rank=8, d_rope=4, mla_init="official").train()
+    first, last = fit(student, ild_loss_fn(teacher))
+    assert last < 0.5 * first, (first, last)
+
+
+def test_kd_loss_of_the_stage_falls():
+    from zebra.hybrid import build_student, stitch
+    from zebra.pipeline import KDStage, kd_loss_fn
+    from zebra.trainer import TrainConfig
+
+    teacher = tiny_llama()
+    mla = build_student(teacher, "mla", kv_rank=8, d_rope=4, mla_init="official")
+    hybrid = stitch(["mla", "mamba2"], mla, build_student(teacher, "mamba2"), teacher).train()
+    stage = KDStage(train=TrainConfig(max_steps=1, lr=1e-3), chunk_size=16)
+    first, last = fit(hybrid, kd_loss_fn(teacher, stage))
+    assert last < 0.5 * first, (first, last)
