@@ -2,7 +2,9 @@
 
 import functools
 import math
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -73,6 +75,27 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, loss):
     resumed = run(tmp_path / "cut", max_steps=10, seed=1, ckpt_interval=4)  # seed 1: weights must come from disk
     assert not (ckpts / ".step-00000006.tmp").exists()  # cleared by the next save
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    assert strip(read_rows(tmp_path / "cut/metrics.jsonl")) == strip(read_rows(tmp_path / "whole/metrics.jsonl"))
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_sigterm_checkpoints_the_step_in_flight_and_resumes_exactly(tmp_path):
+    calls = []
+
+    def preempted_at_step_3(model, batch):  # the signal lands mid-step, as a scheduler's would
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return ce_loss(model, batch)
+
+    whole = run_steps(tmp_path / "whole", max_steps=6, ckpt_interval=100)
+    with pytest.raises(SystemExit, match=r"stage 'test'.*after step 3 of 6.*run the same command again"):
+        run_steps(tmp_path / "cut", max_steps=6, ckpt_interval=100, loss_fn=preempted_at_step_3)
+    assert latest_checkpoint(tmp_path / "cut/checkpoints").name == "step-00000003"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+    resumed = run_steps(tmp_path / "cut", max_steps=6, seed=1, ckpt_interval=100)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
     assert strip(read_rows(tmp_path / "cut/metrics.jsonl")) == strip(read_rows(tmp_path / "whole/metrics.jsonl"))
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name

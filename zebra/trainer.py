@@ -22,13 +22,18 @@ Outputs in `out_dir`: `metrics.jsonl`, one row per logged step
 and `checkpoints/step-N/` (zebra.dist). A run that finds a complete checkpoint resumes from the
 newest one: weights, optimizer, step, data position and RNG, and metrics rows after that step are
 dropped; so an interrupted and resumed run reproduces the uninterrupted one exactly (CPU, fp32).
+SIGTERM or SIGINT (a scheduler's preemption, `timeout`, Ctrl-C) lets the step in flight finish,
+checkpoints it and stops with SystemExit saying how to resume; a second SIGINT aborts at once.
 A non-finite loss or gradient norm stops the run with FloatingPointError naming the stage and the
 step, before the optimizer step, so neither the weights nor any checkpoint see it.
 """
 
 import json
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -118,6 +123,28 @@ def _truncate_metrics(path: Path, step: int):
     tmp.rename(path)
 
 
+@contextmanager
+def _stop_requests():
+    """A list that SIGTERM / SIGINT append to while the loop runs (main thread only: signals are
+    delivered there). The loop reads it between steps; a second SIGINT raises KeyboardInterrupt."""
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def request(signum, frame):
+        if requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    previous = {s: signal.signal(s, request) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield requested
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def train(model: nn.Module, loss_fn: Callable, batches, cfg: TrainConfig, out_dir: str | Path,
           stage: str, stop_after: int | None = None) -> dict:
     """Train `model` (plain, or FSDP2-sharded by zebra.dist.shard_model) for cfg.max_steps steps.
@@ -146,59 +173,66 @@ def train(model: nn.Module, loss_fn: Callable, batches, cfg: TrainConfig, out_di
     step, tokens_seen = state["step"], state["tokens"]
     trainable = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=cfg.max_steps, initial=step, desc=stage, disable=not is_main, dynamic_ncols=True)
+    with _stop_requests() as stop_requests:
+        while step < cfg.max_steps:
+            if stop_after is not None and step >= stop_after:
+                break
+            t0 = time.perf_counter()
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, parts_sum, tokens = 0.0, {}, 0
+            for micro in range(cfg.grad_accum):
+                batch = next(batches)
+                tokens += _count_tokens(batch)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                set_gradient_sync(model, micro == cfg.grad_accum - 1)  # nanoGPT's no_sync until the last
+                loss, parts = loss_fn(model, batch)
+                (loss / cfg.grad_accum).backward()
+                loss_sum = loss_sum + loss.detach().float()
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip if cfg.clip > 0 else math.inf)
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()
 
-    while step < cfg.max_steps:
-        if stop_after is not None and step >= stop_after:
-            break
-        t0 = time.perf_counter()
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum, parts_sum, tokens = 0.0, {}, 0
-        for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            tokens += _count_tokens(batch)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            set_gradient_sync(model, micro == cfg.grad_accum - 1)  # nanoGPT's no_sync until the last
-            loss, parts = loss_fn(model, batch)
-            (loss / cfg.grad_accum).backward()
-            loss_sum = loss_sum + loss.detach().float()
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip if cfg.clip > 0 else math.inf)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
+            # one all-reduce for everything logged, [loss, parts..., tokens, stop requests], summed over
+            # ranks: a signal that reached any rank stops all of them after the same step
+            names = list(parts_sum)
+            logged = torch.tensor([0.0, *(parts_sum[k] for k in names), tokens, len(stop_requests)],
+                                  dtype=torch.float64, device=device)
+            logged[0] = loss_sum
+            if dist.is_initialized():
+                dist.all_reduce(logged)
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            logged = logged.tolist()
+            stop = logged.pop() > 0
+            loss_value, tokens = logged[0] / (world * cfg.grad_accum), round(logged[-1])
+            grad_norm = float(grad_norm)  # global already: the same on every rank
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                raise FloatingPointError(
+                    f"stage {stage!r}: non-finite loss ({loss_value}) or gradient norm ({grad_norm}) at step "
+                    f"{step + 1}; stopped before the update, last checkpoint: {latest_checkpoint(ckpt_dir)}"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, tokens_seen = step + 1, tokens_seen + tokens
 
-        # one all-reduce for everything logged: [loss, parts..., tokens], summed over ranks
-        names = list(parts_sum)
-        logged = torch.tensor([0.0, *(parts_sum[k] for k in names), tokens], dtype=torch.float64, device=device)
-        logged[0] = loss_sum
-        if dist.is_initialized():
-            dist.all_reduce(logged)
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        logged = logged.tolist()
-        loss_value, tokens = logged[0] / (world * cfg.grad_accum), round(logged[-1])
-        grad_norm = float(grad_norm)  # global already: the same on every rank
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            raise FloatingPointError(
-                f"stage {stage!r}: non-finite loss ({loss_value}) or gradient norm ({grad_norm}) at step "
-                f"{step + 1}; stopped before the update, last checkpoint: {latest_checkpoint(ckpt_dir)}"
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step, tokens_seen = step + 1, tokens_seen + tokens
-
-        ms = (time.perf_counter() - t0) * 1000
-        row = {"step": step, "loss": loss_value}
-        row.update({k: v / (world * cfg.grad_accum) for k, v in zip(names, logged[1:-1])})
-        row.update(lr=lr, grad_norm=grad_norm, tokens=tokens_seen, tokens_per_s=tokens / (ms / 1000), ms=ms)
-        if is_main and step % cfg.log_interval == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        bar.update(1)
-        if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
-            state = {"step": step, "tokens": tokens_seen, "data": batches.state_dict()}
-            save_checkpoint(ckpt_dir, step, model, optimizer, state, cfg.keep_last)
+            ms = (time.perf_counter() - t0) * 1000
+            row = {"step": step, "loss": loss_value}
+            row.update({k: v / (world * cfg.grad_accum) for k, v in zip(names, logged[1:-1])})
+            row.update(lr=lr, grad_norm=grad_norm, tokens=tokens_seen, tokens_per_s=tokens / (ms / 1000), ms=ms)
+            if is_main and step % cfg.log_interval == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            if step % cfg.ckpt_interval == 0 or step == cfg.max_steps or stop:
+                state = {"step": step, "tokens": tokens_seen, "data": batches.state_dict()}
+                path = save_checkpoint(ckpt_dir, step, model, optimizer, state, cfg.keep_last)
+            if stop and step < cfg.max_steps:
+                bar.close()
+                raise SystemExit(f"stage {stage!r}: stopped by a signal after step {step} of {cfg.max_steps}; "
+                                 f"checkpoint {path}; run the same command again to resume")
     bar.close()
     return {"step": step, "tokens": tokens_seen, "data": batches.state_dict()}
