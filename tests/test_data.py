@@ -25,6 +25,7 @@ from zebra.data import (
     encode_sft,
     load_pairs,
     load_rows,
+    read_json_rows,
     load_sft,
     pack,
     parse_hh,
@@ -315,6 +316,24 @@ def test_errors_name_file_row_and_field(tokenizer, tmp_path):
         load_pairs(path, tokenizer, max_length=8, max_prompt_length=4)
 
 
+def test_json_rows_equal_datasets_reading_and_bad_lines_are_named(tmp_path):
+    import datasets
+
+    for path in (CHAT, INSTRUCTIONS):
+        assert read_json_rows(path) == list(datasets.load_dataset("json", data_files=str(path), split="train"))
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps([{"text": "a"}, {"text": "b"}]))
+    assert load_rows(str(array)) == ([{"text": "a"}, {"text": "b"}], "text")
+    bad = tmp_path / "bad.jsonl.gz"
+    with gzip.open(bad, "wt") as f:
+        f.write('{"text": "a"}\n\n{"text": \n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl\.gz line 3: not valid JSON"):
+        load_rows(str(bad))
+    (tmp_path / "list.jsonl").write_text('{"text": "a"}\n["b"]\n')
+    with pytest.raises(ValueError, match=r"list\.jsonl line 2: expected a JSON object, got list"):
+        load_rows(str(tmp_path / "list.jsonl"))
+
+
 def test_plain_text_is_trained_everywhere(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "text.jsonl", [{"text": "Hello world."}, {"text": "Bye."}])
     samples = load_sft(path, tokenizer)
@@ -340,7 +359,7 @@ def test_teacher_masks_match_an_offset_reference(teacher_tokenizer):
     samples = []
     for path in (CHAT, INSTRUCTIONS):
         rows, schema = load_rows(str(path))
-        samples += encode_sft(teacher_tokenizer, rows.select(range(100)), schema, str(path))
+        samples += encode_sft(teacher_tokenizer, rows[:100], schema, str(path))
     head, tail = "<|im_start|>assistant\n", "<|im_end|>\n"
     for sample in samples:
         text = teacher_tokenizer.decode(sample.ids)

@@ -1,7 +1,8 @@
 """Training data: load rows, render chats, tokenise with loss masks, pack, shuffle, shard, resume.
 
-Rows come from `datasets.load_dataset` (a hub name, or a local .json/.jsonl/.jsonl.gz/.parquet
-file) in one of five schemas, detected from the columns or named by `schema=`:
+Rows come from a local .json/.jsonl file (gzipped or not; read with the json module: no arrow
+cache, errors name the line), a local .parquet file or a hub name (both through
+`datasets.load_dataset`), in one of five schemas, detected from the columns or named by `schema=`:
 
     chat         messages: [{role, content}, ...]
     instruction  instruction [, input], output | response  ->  [user, assistant]
@@ -52,17 +53,18 @@ position `{"epoch", "index"}` (index = next row of the epoch, in rows, so it too
 on the world size) restores the exact next batch; a tail shorter than a global batch is dropped.
 """
 
+import gzip
+import json
 import re
 from pathlib import Path
 from typing import NamedTuple
 
-import datasets
 import numpy as np
 import torch
 
 SCHEMAS = ("chat", "instruction", "text", "preference", "hh")
 ROLES = ("system", "user", "assistant")
-LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".gz": "json", ".parquet": "parquet"}
+LOCAL_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -70,21 +72,49 @@ HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 # Loading and schemas
 
 
-def load_rows(source: str, schema: str | None = None, split: str = "train") -> tuple[datasets.Dataset, str]:
+def read_json_rows(path: str | Path) -> list[dict]:
+    """A .json (one array of objects, or one object per line) or .jsonl file, gzipped or not."""
+    path = Path(path)
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        rows, where = json.loads(text), [f"{path} item {i}" for i in range(len(json.loads(text)))]
+    else:
+        rows, where = [], []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path} line {n}: not valid JSON ({error})") from None
+                where.append(f"{path} line {n}")
+    for row, at in zip(rows, where):
+        if not isinstance(row, dict):
+            raise ValueError(f"{at}: expected a JSON object, got {type(row).__name__}")
+    return rows
+
+
+def load_rows(source: str, schema: str | None = None, split: str = "train") -> tuple[list[dict], str]:
     """Load a local file (by its suffix; `split` unused) or a hub dataset -> (rows, schema)."""
     path = Path(source)
-    if path.suffix in LOCAL_BUILDERS or path.exists():
+    if source.endswith(LOCAL_SUFFIXES) or path.exists():
         if not path.is_file():
             raise FileNotFoundError(f"data file {source!r} {'is not a file' if path.exists() else 'does not exist'}")
-        if path.suffix not in LOCAL_BUILDERS:
-            raise ValueError(f"{source}: expected a .json, .jsonl, .jsonl.gz or .parquet file")
-        try:
-            rows = datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
-        except Exception as error:  # datasets wraps parse errors in several exception types
-            raise ValueError(f"{source}: could not read it as {LOCAL_BUILDERS[path.suffix]}: {error}") from error
+        if not source.endswith(LOCAL_SUFFIXES):
+            raise ValueError(f"{source}: expected a {', '.join(LOCAL_SUFFIXES)} file")
+        if source.endswith(".parquet"):
+            import datasets
+
+            rows = list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+        else:
+            rows = read_json_rows(path)
     else:
-        rows = datasets.load_dataset(source, split=split)
-    columns = set(rows.column_names)
+        import datasets
+
+        rows = list(datasets.load_dataset(source, split=split))
+    if not rows:
+        raise ValueError(f"{source}: no rows")
+    columns = set().union(*(row.keys() for row in rows))
     if schema is None:
         schema = detect_schema(columns, source)
     if schema not in SCHEMAS:
@@ -148,7 +178,8 @@ def sft_messages(row: dict, schema: str, where: str) -> list[dict] | str:
         return _messages(_field(row, "messages", where, schema), where, "messages")
     if schema == "instruction":
         instruction = _string(row, "instruction", where, schema)
-        answer = _string(row, "output" if "output" in row else "response", where, schema)
+        has_response_only = row.get("output") is None and row.get("response") is not None
+        answer = _string(row, "response" if has_response_only else "output", where, schema)
         extra = row.get("input") or ""
         user = f"{instruction}\n\n{extra}" if extra else instruction  # Alpaca's join
         return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]

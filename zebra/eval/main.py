@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from zebra.data import read_json_rows
 from zebra.eval import report
 from zebra.eval.harness import evaluate_task, perplexity
 from zebra.eval.speed import kv_cache_report, throughput
@@ -72,16 +73,16 @@ def read_text(spec: str, split: str) -> str:
     """A text file as it is; a jsonl file or a hub dataset as its 'text' rows joined by blank lines."""
     if spec.endswith(".txt"):
         return Path(spec).read_text(encoding="utf-8")
-    import datasets
-
     if spec.endswith((".jsonl", ".json")):
-        rows = datasets.load_dataset("json", data_files=spec, split="train")
+        rows = read_json_rows(spec)
     else:
+        import datasets
+
         name, _, config = spec.partition(":")
-        rows = datasets.load_dataset(name, config or None, split=split)
-    if "text" not in rows.column_names:
-        raise ValueError(f"--ppl {spec}: expected a 'text' column, found {rows.column_names}")
-    return "\n\n".join(rows["text"])
+        rows = list(datasets.load_dataset(name, config or None, split=split))
+    if not rows or any("text" not in row for row in rows):
+        raise ValueError(f"--ppl {spec}: expected a 'text' field in every row")
+    return "\n\n".join(row["text"] for row in rows)
 
 
 def model_name(source: str) -> str:
