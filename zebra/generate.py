@@ -53,7 +53,7 @@ def stream(model, prompts: list[list[int]], max_new_tokens: int, eos_ids=(), tem
     device = next(model.parameters()).device
     ids, pads = left_pad(prompts, pad_id, device)
     cache = model.new_cache(len(prompts), ids.shape[1] + max_new_tokens, left_pad=pads)
-    logits = model(ids, cache)[:, -1]
+    logits = model.lm_head(model(ids, cache, return_hidden=True)[:, -1])  # last position only: (b P V) can be GBs
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
