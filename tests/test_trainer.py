@@ -15,7 +15,7 @@ from zebra.dist import latest_checkpoint, step_dirs
 from zebra.trainer import TrainConfig, get_lr, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-TIMING = ("tokens_per_s", "ms")  # wall-clock fields: the only ones allowed to differ between runs
+TIMING = ("tokens_per_s", "ms", "peak_gib")  # wall-clock fields: the only ones allowed to differ between runs
 
 
 def run_steps(out, max_steps, stop_after=None, seed=0, loss_fn=ce_loss, **cfg):

@@ -17,8 +17,9 @@ the micro-batch) and a dict of floats to log (e.g. {"kl": .., "ce": ..}); ILD, K
 only there. A teacher or reference model is closed over by the loss_fn.
 
 Outputs in `out_dir`: `metrics.jsonl`, one row per logged step
-    {step, loss, <parts>, lr, grad_norm, tokens, tokens_per_s, ms}
-(loss and parts: means over ranks and micro-steps; tokens: all ranks', since the start)
+    {step, loss, <parts>, lr, grad_norm, tokens, tokens_per_s, ms [, peak_gib]}
+(loss and parts: means over ranks and micro-steps; tokens: all ranks', since the start; peak_gib:
+rank 0's peak CUDA memory allocated so far, on GPU only)
 and `checkpoints/step-N/` (zebra.dist). A run that finds a complete checkpoint resumes from the
 newest one: weights, optimizer, step, data position and RNG, and metrics rows after that step are
 dropped; so an interrupted and resumed run reproduces the uninterrupted one exactly (CPU, fp32).
@@ -222,6 +223,8 @@ def train(model: nn.Module, loss_fn: Callable, batches, cfg: TrainConfig, out_di
             row = {"step": step, "loss": loss_value}
             row.update({k: v / (world * cfg.grad_accum) for k, v in zip(names, logged[1:-1])})
             row.update(lr=lr, grad_norm=grad_norm, tokens=tokens_seen, tokens_per_s=tokens / (ms / 1000), ms=ms)
+            if device.type == "cuda":  # this rank's high-water mark since the process started
+                row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if is_main and step % cfg.log_interval == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
