@@ -94,7 +94,7 @@ def main(argv=None):
                 row = {"messages": chat + [{"role": "assistant", "content": text}]}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             bar.update(len(batch))
-            bar.set_postfix(answer_tokens=answer_tokens, truncated=truncated)
+            bar.set_postfix(answer_tokens=answer_tokens, truncated=truncated, refresh=False)
     os.replace(tmp, out)
     print(f"wrote {out}: {len(jobs) - empty} answers ({empty} empty ones dropped), {answer_tokens} answer tokens, "
           f"{truncated} cut at {args.max_new_tokens}")

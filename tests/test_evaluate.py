@@ -321,7 +321,11 @@ def test_evaluate_task_end_to_end(tokenizer, hf_model):
 
 
 def test_perplexity_sliding_window(hf_model):
-    model = lambda ids: hf_model(ids).logits  # noqa: E731
+    from zebra.config import LlamaConfig
+    from zebra.llama import LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig.from_dict(hf_model.config.to_dict())).eval()  # ours, HF's weights
+    model.load_state_dict(hf_model.state_dict())
     torch.manual_seed(1)
     ids = torch.randint(0, 400, (50,)).tolist()
     # one window: every token after the first, full left context

@@ -228,7 +228,7 @@ def train(model: nn.Module, loss_fn: Callable, batches, cfg: TrainConfig, out_di
             if is_main and step % cfg.log_interval == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
             bar.update(1)
             if step % cfg.ckpt_interval == 0 or step == cfg.max_steps or stop:
                 state = {"step": step, "tokens": tokens_seen, "data": batches.state_dict()}

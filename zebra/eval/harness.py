@@ -132,13 +132,14 @@ def evaluate_task(model: Model, tokenizer, task: Task, docs: list[Doc], batch_si
 
 
 @torch.no_grad()
-def perplexity(model: Model, ids: list[int], max_length: int, stride: int, batch_size: int = 8,
+def perplexity(model, ids: list[int], max_length: int, stride: int, batch_size: int = 8,
                device: str | torch.device = "cpu") -> dict:
     """Sliding-window perplexity of one token stream (the transformers "perplexity of fixed-length models" recipe).
 
     Window k covers ids[k*stride : k*stride + max_length] and scores only the tokens no earlier
     window scored, so every token after the first is predicted once with at least
-    max_length - stride tokens of context (fewer only at the start).
+    max_length - stride tokens of context (fewer only at the start). `model` is a Llama or Zebra
+    model: the head runs on the scored positions only, one window at a time.
     """
     if not 0 < stride <= max_length:
         raise ValueError(f"need 0 < stride <= max_length, got stride={stride}, max_length={max_length}")
@@ -158,10 +159,10 @@ def perplexity(model: Model, ids: list[int], max_length: int, stride: int, batch
         inp = torch.zeros(len(batch), width, dtype=torch.long)
         for row, (begin, end, _) in enumerate(batch):
             inp[row, :end - begin] = torch.tensor(ids[begin:end])
-        logits = model(inp.to(device)).float()  # (b l V)
+        hidden = model(inp.to(device), return_hidden=True)  # (b l d); the head runs per row: (b l V) is GBs
         for row, (begin, end, first) in enumerate(batch):
-            targets = torch.tensor(ids[first:end], device=logits.device)  # positions first..end-1
-            logp = logits[row, first - 1 - begin:end - 1 - begin].log_softmax(-1)
+            targets = torch.tensor(ids[first:end], device=hidden.device)  # positions first..end-1
+            logp = model.lm_head(hidden[row, first - 1 - begin:end - 1 - begin]).float().log_softmax(-1)
             nll -= logp.gather(-1, targets[:, None]).sum().item()
             count += len(targets)
     return {"perplexity": math.exp(nll / count), "nll_per_token": nll / count, "tokens": count,
