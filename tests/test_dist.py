@@ -78,3 +78,26 @@ def test_single_process_group_runs_fsdp(tmp_path, monkeypatch):
     _, exported = read_model_dir(tmp_path / "export")
     for name, tensor in plain.state_dict().items():
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_bf16_sharded_body_fills_the_callers_hidden_states_list(monkeypatch):
+    """ILD collects every layer's states in a list passed to the body; a bf16 policy (GPU) must not
+    copy that list on the way in (FSDP2 rebuilds containers when it casts inputs). CPU, 1 rank."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    zdist.init_distributed()
+    try:
+        plain, sharded = tiny_model(seed=0), tiny_model(seed=0)
+        zdist._fully_shard_decoder(sharded, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+        ids = torch.randint(0, plain.config.vocab_size, (2, 8))
+        want, got = [], []
+        plain.model(ids, hidden_states=want)
+        sharded.model(ids, hidden_states=got)
+    finally:
+        zdist.cleanup()
+    assert len(got) == len(want) == plain.config.num_hidden_layers
+    for (x0, o0, a0), (x1, o1, a1) in zip(want, got):  # bf16 compute vs fp32: loose, but the same states
+        for a, b in ((x0, x1), (o0, o1), (a0, a1)):
+            torch.testing.assert_close(b.float(), a, rtol=0.05, atol=0.05)

@@ -29,6 +29,7 @@ that looks finished; on resume the highest `step-N` holding COMPLETE wins, and o
 `keep_last` newest complete steps are kept. All ranks must see the same `out` (a shared disk).
 """
 
+import dataclasses
 import json
 import os
 import pickle
@@ -128,7 +129,9 @@ def _fully_shard_decoder(model: nn.Module, mp_policy: MixedPrecisionPolicy) -> n
     else:
         fully_shard(model.model.embed_tokens, **shard)
     fully_shard(head, reshard_after_forward=False, **shard)
-    fully_shard(model.model, **shard)
+    # The root must not cast its inputs: casting rebuilds containers, so the `hidden_states` list a
+    # caller passes in would be copied and stay empty (ILD with bf16). Each layer casts its own input.
+    fully_shard(model.model, mesh=mesh, mp_policy=dataclasses.replace(mp_policy, cast_forward_inputs=False))
     return model
 
 
