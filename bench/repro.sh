@@ -4,10 +4,15 @@
 # stopped: train.py resumes its stages, SIGTERM (from `timeout`) checkpoints the step in flight,
 # finished evaluations and ablations are skipped. Results (no weights) go to $OUT/runs.tgz.
 #
-#   bash ../shared/gpu/stage.sh; copy eval + train data to .gpu/data (see bench/RESULTS.md)
+#   bash ../shared/gpu/stage.sh
+#   mkdir -p .gpu/data/eval .gpu/data/train; cp ../shared/data/train/hh_rlhf/* .gpu/data/train/
+#   cp -r ../shared/data/eval/{arc_challenge,arc_easy,hellaswag,lambada_openai,openbookqa,piqa,winogrande} .gpu/data/eval/
 #   call 1, carry [.gpu/a, .gpu/data, .peers]: bash bench/repro.sh stage   (+ SSD bench, Zebra shapes)
 #   call 2, carry [.gpu/b]:                      bash bench/repro.sh data    (teacher data, teacher eval, train)
 #   calls 3..: bash bench/repro.sh continue      (train, student eval, ablations)
+# Calls must follow each other within ~30 s (the machine is given back when idle), and a machine is
+# held 30 minutes at most: the whole run needs about 45 minutes, i.e. a second machine (calls 1-2
+# again, then `continue`) or a longer lease. bench/RESULTS.md has what one 30-minute lease gave.
 set -uo pipefail
 shopt -s nullglob
 cd "$(dirname "$0")/.."
