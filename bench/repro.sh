@@ -11,8 +11,8 @@
 #   call 2, carry [.gpu/b]:                      bash bench/repro.sh data    (teacher data, teacher eval, train)
 #   calls 3..: bash bench/repro.sh continue      (train, student eval, ablations)
 # Calls must follow each other within ~30 s (the machine is given back when idle), and a machine is
-# held 30 minutes at most: the whole run needs about 45 minutes, i.e. a second machine (calls 1-2
-# again, then `continue`) or a longer lease. bench/RESULTS.md has what one 30-minute lease gave.
+# held 30 minutes at most and loses $HOME/runs when given back (only $OUT comes home): the whole
+# config needs about 45 minutes of one machine. bench/RESULTS.md has what one 30-minute lease gave.
 set -uo pipefail
 shopt -s nullglob
 cd "$(dirname "$0")/.."
