@@ -83,6 +83,10 @@ def models(smoke: bool, device):
         teacher = LlamaForCausalLM(cfg)
         student = ZebraForCausalLM(student_config(cfg, spec.plan(cfg.num_hidden_layers), spec.q_rank, spec.kv_rank,
                                                   spec.d_rope))
+    # Embeddings as HF initialises them (std 0.02): with nn.Embedding's N(0, 1) and tied weights the
+    # residual stream is just the input token, both models put p = 1 on repeating it, and the KL is 0.
+    for model in (teacher, student):
+        model.model.embed_tokens.weight.data.normal_(0, 0.02)
     return teacher, student
 
 
