@@ -278,7 +278,7 @@ def test_gguf_of_other_architecture(tmp_path):
 def test_gguf_shape_mismatch_is_refused_before_dequantising(tmp_path, monkeypatch):
     config = tiny_config(tied=True)
     path = write_gguf(tmp_path / "x.gguf", {**config, "intermediate_size": 80}, random_state_dict(config))
-    monkeypatch.setattr(hub.gguf.quants, "dequantize", None)  # must not be reached
+    monkeypatch.setattr(gguf.quants, "dequantize", None)  # must not be reached
     with pytest.raises(ValueError, match=r"mlp.gate_proj.weight has shape \(96, 64\), the config implies \(80, 64\)"):
         hub.convert_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()

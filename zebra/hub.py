@@ -37,7 +37,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 import numpy as np
 import torch
 from einops import rearrange
@@ -268,7 +267,7 @@ def _hf_name(gguf_name: str, where: str) -> str:
     raise ValueError(f"{where}: unexpected tensor {gguf_name} for a llama GGUF")
 
 
-def _field(reader: gguf.GGUFReader, key: str, default=None):
+def _field(reader, key: str, default=None):
     return reader.fields[key].contents() if key in reader.fields else default
 
 
@@ -279,6 +278,8 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Convert a llama GGUF file into an HF directory with fp32 safetensors (atomically)."""
+    import gguf  # only GGUF import needs it: HF directories load without it
+
     gguf_path = Path(gguf_path)
     reader = gguf.GGUFReader(gguf_path)
     arch = _field(reader, "general.architecture")
