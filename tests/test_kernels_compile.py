@@ -27,7 +27,7 @@ TARGETS = {("hip", "gfx942", 64): ("amdgcn", "hsaco"), ("cuda", 90, 32): ("ptx",
 FP32_POINTERS = {"dt_ptr", "acs_ptr", "states_ptr", "dstates_ptr", "init_ptr", "final_ptr",
                  "dfinal_ptr", "dinit_ptr", "ddt_ptr", "dA_part_ptr", "dD_part_ptr", "A_ptr",
                  "D_ptr", "bias_ptr", "dw_part_ptr", "db_part_ptr", "part_ptr", "ml_ptr"}
-INT64_POINTERS = {"start_ptr"}
+INT64_POINTERS = {"start_ptr", "length_ptr"}
 FP32_SCALARS = {"dt_min", "dt_max", "qk_scale"}
 # Widest path, Zebra shapes (SSD: p = n = 64, chunk 64, conv kernel 4; MLA decode: the 1B shape,
 # H = 32, r_kv = 128, d_rope = 32, split-K partials).

@@ -234,10 +234,11 @@ def test_absorbed_decode_equals_materialised(q_rank, latent_norm, n_kv_heads):
     x = torch.randn(2, 15, 32)
     with torch.no_grad():
         full = mla_out(mla, x)  # no cache: materialised k, v and SDPA
-        cache = Cache([mla.new_cache(2, 16, torch.float32, "cpu")], torch.zeros(2, dtype=torch.long))
+        cache = Cache([mla.new_cache(2, 16, torch.float32, "cpu")], torch.zeros(2, dtype=torch.long), max_len=16)
         steps = []
         for t in range(15):  # one token at a time: the absorbed path from the first token
-            steps.append(mla(x[:, t:t + 1], cache.positions(1), cache.layers[0], cache.length, cache.attention_mask(1)))
+            ctx = cache.context(1)
+            steps.append(mla(x[:, t:t + 1], ctx["positions"], cache.layers[0], ctx["start"], ctx["mask"]))
             cache.advance(1)
     diff = (torch.cat(steps, 1) - full).abs().max().item()
     assert diff <= 1e-5, diff
@@ -248,11 +249,11 @@ def test_incremental_decode_left_padded_equals_full_forward():
     left_pad = torch.tensor([0, 3, 6])
     x = torch.randn(3, 14, 32)
     with torch.no_grad():
-        cache = Cache([mla.new_cache(3, 16, torch.float32, "cpu")], left_pad)
+        cache = Cache([mla.new_cache(3, 16, torch.float32, "cpu")], left_pad, max_len=16)
         chunks = []
         for n in [8, 1, 1, 1, 1, 2]:  # prefill (materialised, fills the cache), decode steps, one 2-token chunk
-            s = cache.length
-            chunks.append(mla(x[:, s:s + n], cache.positions(n), cache.layers[0], s, cache.attention_mask(n)))
+            s, ctx = cache.length, cache.context(n)
+            chunks.append(mla(x[:, s:s + n], ctx["positions"], cache.layers[0], ctx["start"], ctx["mask"]))
             cache.advance(n)
         out = torch.cat(chunks, 1)
         for row, pad in enumerate(left_pad.tolist()):  # each row alone, no padding, no cache

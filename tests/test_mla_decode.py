@@ -49,6 +49,20 @@ def test_kernel_matches_reference(b, H, r, d_rope, T, length, splits, pads):
     assert rel_err(out, want) <= 1e-5
 
 
+def test_kernel_reads_the_length_from_the_device():
+    """A decode step passes length as a (1,) tensor (a CUDA graph replays one launch at every
+    length): the same result as the int, and the grid is sized by T, not by the length."""
+    b, H, r, d_rope, T, length, splits, pads = CASES[3]
+    q_lat, q_rope, c_kv, k_rope = inputs(b, H, r, d_rope, T, seed=5)
+    c_kv[:, length:], k_rope[:, length:] = float("nan"), float("nan")
+    left_pad = torch.tensor(pads)
+    for n in (length, length - 77):
+        got = mla_decode(q_lat, q_rope, c_kv, k_rope, left_pad, torch.tensor([n]), 0.3, num_splits=splits)
+        want = mla_decode_reference(q_lat.double(), q_rope.double(), c_kv.double(), k_rope.double(),
+                                    left_pad, n, 0.3)
+        assert rel_err(got, want) <= 1e-5, n
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_half_precision(dtype):
     q_lat, q_rope, c_kv, k_rope = inputs(2, 8, 32, 16, 190, seed=7, dtype=dtype)
@@ -82,8 +96,9 @@ def test_reference_is_the_mla_layers_absorbed_decode():
 
 
 def test_mla_layer_decodes_through_the_kernel(monkeypatch):
-    """MLAttention's one-token decode with BACKEND "triton" == the torch absorbed path, on a
-    left-padded cache after a prefill (the wiring: pad counts read off the cache's mask)."""
+    """MLAttention's one-token decode steps with BACKEND "triton" == the torch absorbed path, on a
+    left-padded cache after a prefill, buffer longer than the tokens (the wiring: first keys
+    read off Cache.context's mask, the length from its device slot)."""
     from zebra import kernels
 
     cfg = MLAConfig(hidden_size=32, n_heads=4, n_kv_heads=2, q_rank=0, kv_rank=16, d_nope=8,
@@ -94,12 +109,13 @@ def test_mla_layer_decodes_through_the_kernel(monkeypatch):
     outs = {}
     for backend in ("torch", "triton"):
         monkeypatch.setattr(kernels, "BACKEND", backend)
-        cache = Cache([mla.new_cache(2, 8, torch.float32, "cpu")], left_pad=torch.tensor([0, 3]))
-        for chunk in (x[:, :5], x[:, 5:]):  # prefill (materialised), then one token (absorbed)
-            l = chunk.shape[1]
-            out = mla(chunk, cache.positions(l), cache.layers[0], cache.length, cache.attention_mask(l))
-            cache.advance(l)
-        outs[backend] = out
+        cache = Cache([mla.new_cache(2, 9, torch.float32, "cpu")], left_pad=torch.tensor([0, 3]), max_len=9)
+        steps = []
+        for chunk in (x[:, :4], x[:, 4:5], x[:, 5:]):  # prefill (materialised), then one token at a time
+            ctx = cache.context(chunk.shape[1])
+            steps.append(mla(chunk, ctx["positions"], cache.layers[0], ctx["start"], ctx["mask"]))
+            cache.advance(chunk.shape[1])
+        outs[backend] = torch.cat(steps[1:], 1)
     assert rel_err(outs["triton"], outs["torch"]) <= 1e-5
 
 

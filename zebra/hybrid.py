@@ -223,8 +223,7 @@ class ZebraModel(nn.Module):
             positions = torch.arange(l, device=input_ids.device).expand(b, l)
             ctx = dict(positions=positions, start=0, mask=None, real=None)
         else:
-            ctx = dict(positions=cache.positions(l), start=cache.length, mask=cache.attention_mask(l),
-                       real=cache.real_tokens(l))
+            ctx = cache.context(l)
         if any(layer.kind == "attention" for layer in self.layers):
             ctx["cos_sin"] = rope_cos_sin(self.inv_freq, ctx["positions"])
         x = self.embed_tokens(input_ids) if layer_inputs is None else None
@@ -262,7 +261,7 @@ class ZebraForCausalLM(nn.Module):
         layers = [layer.new_cache(batch, max_len, dtype or p.dtype, p.device) for layer in self.model.layers]
         if left_pad is None:
             left_pad = torch.zeros(batch, dtype=torch.long, device=p.device)
-        return Cache(layers, left_pad.to(p.device))
+        return Cache(layers, left_pad.to(p.device), max_len)
 
 
 # ---------------------------------------------------------------------------------------

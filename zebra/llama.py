@@ -21,6 +21,9 @@ Parameter names equal Hugging Face's `LlamaForCausalLM`, so an HF state dict loa
 Decoding uses a `Cache` (gpt-fast style: buffers preallocated to max length, written by slot).
 A batch of prompts of different lengths is left-padded: row b's real tokens start at slot
 `left_pad[b]`; its positions count from there and attention never looks at its pad slots.
+A one-token decode step reads its slot from a device counter and attends over the whole buffer
+under a mask, so the step has static shapes and one captured CUDA graph replays it at every
+length (gpt-fast's input_pos; zebra.generate captures it).
 """
 
 import math
@@ -95,8 +98,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (b Hk l d) at slots [start, start + l); return all slots up to there."""
+    def update(self, start, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (b Hk l d) from slot `start` and return the keys and values to attend over.
+
+        start an int (prefill): slots [start, start + l), returns the slots up to there.
+        start a (1,) device tensor (decode step, l = 1): that slot, returns the whole buffer."""
+        if isinstance(start, torch.Tensor):
+            self.k.index_copy_(2, start, k)
+            self.v.index_copy_(2, start, v)
+            return self.k, self.v
         end = start + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(f"cache overflow: {end} tokens > max_len {self.k.shape[2]}")
@@ -111,12 +121,18 @@ class Cache:
 
     layers:   one cache per layer (KVCache here; the hybrid adds MLA and Mamba2 caches)
     left_pad: (b,) number of pad slots before each row's first real token
-    length:   slots filled so far (the same for every row)
+    max_len:  slots of every per-layer buffer
+    length:   slots filled so far (the same for every row); `slot` (1,) is the same number on
+              the device, what a decode step reads, so that no Python int enters the step
     """
 
     layers: list
     left_pad: torch.Tensor
+    max_len: int = 0
     length: int = 0
+
+    def __post_init__(self):
+        self.slot = torch.full((1,), self.length, dtype=torch.long, device=self.left_pad.device)
 
     def positions(self, seq_len: int) -> torch.Tensor:
         """RoPE positions (b l) of the next `seq_len` slots: slot - left_pad, clamped at 0 on pads."""
@@ -129,17 +145,34 @@ class Cache:
         return slots[None] >= self.left_pad[:, None]
 
     def attention_mask(self, seq_len: int) -> torch.Tensor:
-        """Boolean mask (b 1 l T), True = may attend: causal, never to pad slots.
-
-        A pad query attends to itself only, so no softmax row is empty (its output is unused)."""
+        """Boolean mask (b 1 l T), True = may attend, over slots T = length + seq_len: causal,
+        never to pad slots. A pad query attends to itself only, so no softmax row is empty."""
         dev = self.left_pad.device
         q = torch.arange(self.length, self.length + seq_len, device=dev)[:, None]
         k = torch.arange(self.length + seq_len, device=dev)[None]
         real_key = k[None] >= self.left_pad[:, None, None]
         return ((k <= q) & real_key | (k == q))[:, None]
 
+    def context(self, seq_len: int) -> dict:
+        """What the layers read for the next `seq_len` tokens: positions (b l), real (b l),
+        mask (b 1 l T) and start, where the new keys go.
+
+        Several tokens (prefill): start = length (an int), T = length + seq_len.
+        One token (decode step): all from the device `slot`: start = slot, T = max_len (the
+        mask also hides the slots after this one); the step's shapes do not depend on length."""
+        if self.length + seq_len > self.max_len:
+            raise ValueError(f"cache overflow: {self.length + seq_len} tokens > max_len {self.max_len}")
+        if seq_len > 1:
+            return dict(positions=self.positions(seq_len), start=self.length,
+                        mask=self.attention_mask(seq_len), real=self.real_tokens(seq_len))
+        k = torch.arange(self.max_len, device=self.left_pad.device)[None]  # (1 T)
+        mask = (k <= self.slot) & (k >= self.left_pad[:, None]) | (k == self.slot)  # (b T), as above
+        return dict(positions=(self.slot - self.left_pad).clamp(min=0)[:, None], start=self.slot,
+                    mask=mask[:, None, None], real=(self.slot >= self.left_pad)[:, None])
+
     def advance(self, seq_len: int):
         self.length += seq_len
+        self.slot += seq_len
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,7 +248,8 @@ class LlamaModel(nn.Module):
             positions = torch.arange(l, device=input_ids.device).expand(b, l)
             start, mask = 0, None
         else:
-            positions, start, mask = cache.positions(l), cache.length, cache.attention_mask(l)
+            ctx = cache.context(l)
+            positions, start, mask = ctx["positions"], ctx["start"], ctx["mask"]
         cos, sin = rope_cos_sin(self.inv_freq, positions)
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
@@ -254,7 +288,7 @@ class LlamaForCausalLM(nn.Module):
         ]
         if left_pad is None:
             left_pad = torch.zeros(batch, dtype=torch.long, device=p.device)
-        return Cache(layers, left_pad.to(p.device))
+        return Cache(layers, left_pad.to(p.device), max_len)
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """Per-token KV cache of all layers: 2 * L * Hk * d values."""

@@ -93,8 +93,14 @@ class MLACache(nn.Module):
         self.register_buffer("k_rope", torch.zeros(batch, max_len, d_rope, dtype=dtype, device=device),
                              persistent=False)
 
-    def update(self, start: int, c_kv: torch.Tensor, k_rope: torch.Tensor):
-        """Write c_kv (b l r), k_rope (b l d_rope) at slots [start, start + l); return all slots up to there."""
+    def update(self, start, c_kv: torch.Tensor, k_rope: torch.Tensor):
+        """Write c_kv (b l r), k_rope (b l d_rope) from slot `start`; return the slots to attend
+        over: up to start + l for an int start (prefill), the whole buffer for a (1,) device
+        start (decode step, l = 1; see zebra.llama.Cache.context)."""
+        if isinstance(start, torch.Tensor):
+            self.c_kv.index_copy_(1, start, c_kv)
+            self.k_rope.index_copy_(1, start, k_rope)
+            return self.c_kv, self.k_rope
         end = start + c_kv.shape[1]
         if end > self.c_kv.shape[1]:
             raise ValueError(f"cache overflow: {end} tokens > max_len {self.c_kv.shape[1]}")
@@ -133,9 +139,9 @@ class MLAttention(nn.Module):
     def forward(self, x, positions, cache: MLACache | None = None, start: int = 0, mask=None):
         """x (b l D), positions (b l) -> (b l D).
 
-        Without a cache: plain causal attention over x. With one: the new latents are written at
-        slots [start, start + l) and `mask` (b 1 l T, True = may attend) must come from
-        zebra.llama.Cache.attention_mask; one new token takes the absorbed path."""
+        Without a cache: plain causal attention over x. With one, `start` and `mask` (b 1 l T,
+        True = may attend) come from zebra.llama.Cache.context: the new latents are written from
+        slot `start`; one new token (a decode step) takes the absorbed path."""
         cfg = self.cfg
         q_nope, q_rope = self.query(x)
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([cfg.kv_rank, cfg.d_rope], dim=-1)
@@ -148,7 +154,7 @@ class MLAttention(nn.Module):
         if cache is None or x.shape[1] > 1:
             o = self.attend_materialised(q_nope, q_rope, c_kv, k_rope, mask)
         else:
-            o = self.attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
+            o = self.attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask, start)
         return self.out_proj(rearrange(o, "b h l d -> b l (h d)"))
 
     def attend_materialised(self, q_nope, q_rope, c_kv, k_rope, mask):
@@ -161,19 +167,23 @@ class MLAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                               enable_gqa=cfg.n_heads != cfg.n_kv_heads)
 
-    def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
-        """Scores and values in latent space (W_uk into the query, W_uv after the sum). (b H l d_v)"""
+    def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask, start=None):
+        """Scores and values in latent space (W_uk into the query, W_uv after the sum). (b H l d_v)
+        `start`: the query's slot, a (1,) device tensor in a decode step; None: the last key's."""
         cfg = self.cfg
         w = rearrange(self.kv_b_proj.weight, "(g e) r -> g e r", g=cfg.n_kv_heads)
-        w = w.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=0)  # group g -> its query heads
-        w_uk, w_uv = w.split([cfg.d_nope, cfg.v_head_dim], dim=1)  # (H d_nope r), (H d_v r)
-        q_latent = torch.einsum("bhld,hdr->bhlr", q_nope, w_uk)
+        w_uk, w_uv = w.split([cfg.d_nope, cfg.v_head_dim], dim=1)  # (Hk d_nope r), (Hk d_v r)
+        by_group = lambda t: rearrange(t, "b (g j) l d -> b g j l d", g=cfg.n_kv_heads)  # noqa: E731
+        q_latent = rearrange(torch.einsum("bgjld,gdr->bgjlr", by_group(q_nope), w_uk), "b g j l r -> b (g j) l r")
         if kernels.BACKEND == "triton" and q_latent.shape[2] == 1:  # zebra/kernels/mla_decode.py
             from zebra.kernels.mla_decode import mla_decode
 
-            # Cache.attention_mask hides each row's pad slots, a prefix of the keys: count them
-            pads = (~mask[:, 0, -1]).sum(-1) if mask is not None else c_kv.new_zeros(c_kv.shape[0], dtype=torch.long)
-            context = mla_decode(q_latent[:, :, 0], q_rope[:, :, 0], c_kv, k_rope, pads, c_kv.shape[1],
+            # the mask's first visible key is the kernel's first key: the row's left pad, or the
+            # query's own slot for a pad query (Cache.context)
+            first = mask[:, 0, -1].int().argmax(-1) if mask is not None else \
+                c_kv.new_zeros(c_kv.shape[0], dtype=torch.long)
+            length = c_kv.shape[1] if start is None else start + 1
+            context = mla_decode(q_latent[:, :, 0], q_rope[:, :, 0], c_kv, k_rope, first, length,
                                  self.scale)[:, :, None]
         else:
             scores = torch.einsum("bhlr,btr->bhlt", q_latent, c_kv) + torch.einsum("bhld,btd->bhlt", q_rope, k_rope)
@@ -182,4 +192,4 @@ class MLAttention(nn.Module):
                 scores = scores.masked_fill(~mask, float("-inf"))
             probs = scores.float().softmax(dim=-1).to(c_kv.dtype)
             context = torch.einsum("bhlt,btr->bhlr", probs, c_kv)
-        return torch.einsum("bhlr,hvr->bhlv", context, w_uv)
+        return rearrange(torch.einsum("bgjlr,gvr->bgjlv", by_group(context), w_uv), "b g j l v -> b (g j) l v")

@@ -9,7 +9,9 @@ per row b and query head h, over the keys t in [start_b, length),
 Shapes: q_latent (b H r), q_rope (b H d_rope), c_kv (b T r), k_rope (b T d_rope), T >= length,
 left_pad (b,). start_b = min(left_pad[b], length - 1): the keys before left_pad are padding
 (zebra.llama.Cache), and a row whose query is itself a pad attends to that slot alone, the
-same rule as Cache.attention_mask, so no softmax is ever empty.
+same rule as Cache.attention_mask, so no softmax is ever empty. `length` may live on the device
+(a (1,) tensor, the decode step's slot + 1): the grid depends on T only, so one captured CUDA
+graph serves every length (splits past the length exit at once).
 
 All H heads read the same latents (MQA in latent space), so one program takes a block of heads
 as the M dimension of its matrix products and reads each key tile once for all of them:
@@ -52,8 +54,8 @@ _CONFIGS = tuning_configs([triton.Config({"BLOCK_T": 64}, num_warps=4, num_stage
 
 @triton.autotune(_CONFIGS, key=["H", "R", "DR", "SINGLE"])
 @triton.jit
-def _mla_decode_split_kernel(ql_ptr, qr_ptr, ckv_ptr, kr_ptr, start_ptr, out_ptr, part_ptr, ml_ptr,
-                             H, R, DR, length, split_len, n_splits, qk_scale,
+def _mla_decode_split_kernel(ql_ptr, qr_ptr, ckv_ptr, kr_ptr, start_ptr, length_ptr, out_ptr, part_ptr,
+                             ml_ptr, H, R, DR, split_len, n_splits, qk_scale,
                              stride_qlb, stride_qlh, stride_qrb, stride_qrh,
                              stride_cb, stride_ct, stride_kb, stride_kt,
                              SINGLE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -68,6 +70,7 @@ def _mla_decode_split_kernel(ql_ptr, qr_ptr, ckv_ptr, kr_ptr, start_ptr, out_ptr
     q_rope = tl.load(qr_ptr + pid_b * stride_qrb + offs_h[:, None] * stride_qrh + offs_d[None, :],
                      mask=mask_h[:, None] & mask_d[None, :], other=0.0).to(dot_dtype)
 
+    length = tl.load(length_ptr).to(tl.int32)
     lo = tl.minimum(tl.load(start_ptr + pid_b).to(tl.int32), length - 1) + pid_s * split_len
     hi = tl.minimum(lo + split_len, length)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -134,13 +137,14 @@ def default_splits(batch: int, head_blocks: int, length: int, device) -> int:
     return max(1, min(wanted, length // _MIN_SPLIT_TOKENS))
 
 
-def mla_decode(q_latent, q_rope, c_kv, k_rope, left_pad, length: int, scale: float,
+def mla_decode(q_latent, q_rope, c_kv, k_rope, left_pad, length, scale: float,
                num_splits: int | None = None):
     """Latent-space attention of one query token per row (Triton); the spec is mla_decode_reference.
 
     q_latent (b H r), q_rope (b H d_rope): the new token's absorbed query and rotated rope query;
     c_kv (b T r), k_rope (b T d_rope): the cache slots (T >= length, last dim contiguous);
-    left_pad (b,) int: pad slots before each row's first real key; keys [left_pad, length) count.
+    left_pad (b,) int: pad slots before each row's first real key; keys [left_pad, length) count;
+    length: an int, or a (1,) int tensor on the device (read by the kernel, never synchronised).
     num_splits: split-K factor over the context (None: fill the GPU). Returns (b H r) in
     q_latent's dtype."""
     b, H, r = q_latent.shape
@@ -151,8 +155,11 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, left_pad, length: int, scale: flo
                          f"k_rope (b T d_rope), left_pad (b,); got {tuple(q_latent.shape)}, "
                          f"{tuple(q_rope.shape)}, {tuple(c_kv.shape)}, {tuple(k_rope.shape)}, "
                          f"{tuple(left_pad.shape)}")
-    if not 1 <= length <= c_kv.shape[1]:
-        raise ValueError(f"mla_decode: length must be in [1, T={c_kv.shape[1]}], got {length}")
+    T = c_kv.shape[1]
+    if not isinstance(length, torch.Tensor):
+        if not 1 <= length <= T:
+            raise ValueError(f"mla_decode: length must be in [1, T={T}], got {length}")
+        length = torch.full((1,), length, dtype=torch.long, device=c_kv.device)
     if c_kv.dtype != k_rope.dtype:
         raise ValueError(f"mla_decode: c_kv and k_rope dtypes differ ({c_kv.dtype}, {k_rope.dtype})")
     q_latent, q_rope, c_kv, k_rope = (t if t.stride(-1) == 1 else t.contiguous()
@@ -160,9 +167,9 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, left_pad, length: int, scale: flo
     q_latent, q_rope = q_latent.to(c_kv.dtype), q_rope.to(c_kv.dtype)
     block_h = min(64, block(H))  # heads are the M side of the matrix products
     head_blocks = triton.cdiv(H, block_h)
-    splits = num_splits or default_splits(b, head_blocks, length, c_kv.device)
-    split_len = triton.cdiv(triton.cdiv(length, splits), 64) * 64  # whole key tiles per split
-    splits = triton.cdiv(length, split_len)
+    splits = num_splits or default_splits(b, head_blocks, T, c_kv.device)
+    split_len = triton.cdiv(triton.cdiv(T, splits), 64) * 64  # whole key tiles per split
+    splits = triton.cdiv(T, split_len)
     out = torch.empty(b, H, r, dtype=q_latent.dtype, device=q_latent.device)
     part = ml = out  # unused with one split
     if splits > 1:
@@ -170,7 +177,7 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, left_pad, length: int, scale: flo
         ml = torch.empty(b, splits, H, 2, dtype=torch.float32, device=out.device)
     block_r = block(r)
     _mla_decode_split_kernel[(splits, b, head_blocks)](
-        q_latent, q_rope, c_kv, k_rope, left_pad, out, part, ml, H, r, d_rope, length, split_len,
+        q_latent, q_rope, c_kv, k_rope, left_pad, length, out, part, ml, H, r, d_rope, split_len,
         splits, scale * _LOG2E, q_latent.stride(0), q_latent.stride(1), q_rope.stride(0),
         q_rope.stride(1), c_kv.stride(0), c_kv.stride(1), k_rope.stride(0), k_rope.stride(1),
         SINGLE=splits == 1, BLOCK_H=block_h, BLOCK_R=block_r,
