@@ -13,10 +13,12 @@ configs/llama-3.2-1b-{8mla8m2,4mla12m2}.yaml, zebra.hybrid.student_config):
 
 Ours, per (batch b, context T): model.new_cache(b, T + steps + 1) filled with random values as if
 T tokens had been prefilled (a decode step's cost does not depend on the values, and no prefill
-time is spent), then `steps` greedy one-token forwards timed with CUDA events: 1 warm-up run,
-`repeats` timed runs, median. `graph ms` is the same step at the fixed length T captured once
-in a CUDA graph and replayed (each replay rewrites slot T): the step without Python and launch
-overhead, what a captured decode loop reaches. HF: generate(T random prompt tokens) with
+time is spent), then `steps` greedy decode steps (slots T .. T + steps - 1) through
+zebra.generate.DecodeStep, timed with CUDA events: 1 warm-up run, `repeats` timed runs, median.
+`eager` runs the model's Python forward per token; `graph` replays the step captured once as a
+CUDA graph, what zebra.generate does on CUDA (the step attends over the whole buffer under a
+mask: T + steps + 1 slots). Before timing, each model checks that generate() gives the same
+greedy tokens with and without the graph (a left-padded batch of 2 prompts). HF: generate(T random prompt tokens) with
 max_new_tokens = 1 and 1 + steps (min_new_tokens equal, so no EOS stops it); decode time is the
 difference, the prefill cancels.
 Memory: peak allocated during decoding (weights + cache + activations) and the cache itself.
@@ -39,6 +41,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import copy_bandwidth, print_header, table_header, table_row  # noqa: E402
 from zebra.config import LlamaConfig  # noqa: E402
+from zebra.generate import DecodeStep, generate  # noqa: E402
 from zebra.hybrid import ZebraForCausalLM, student_config  # noqa: E402
 from zebra.llama import KVCache, LlamaForCausalLM  # noqa: E402
 from zebra.mamba2 import Mamba2Cache  # noqa: E402
@@ -79,8 +82,10 @@ def cache_bytes_per_step(cache, T: int) -> tuple[int, int]:
     return read, held
 
 
-def step(model, token, cache):
-    return model(token, cache)[:, -1].argmax(-1)[:, None]
+def rewind(cache, T: int):
+    """Back to T filled slots (the values stay: a step's cost does not depend on them)."""
+    cache.length = T
+    cache.slot.fill_(T)
 
 
 def time_ms(fn, runs: int) -> float:
@@ -105,43 +110,34 @@ def ours(model, b: int, T: int, steps: int, repeats: int, peak_bw: float, weight
     for layer in cache.layers:
         for buf in layer.buffers():
             buf.normal_()
-    token = torch.randint(0, 1000, (b, 1), device=DEVICE)
+    token = torch.randint(0, 1000, (b,), device=DEVICE)
+    row = {"b": b, "T": T}
+    for mode in ("eager", "graph"):
+        decode_step = DecodeStep(model, cache, cuda_graph=mode == "graph")
+        rewind(cache, T)
+        decode_step(token)  # the graph is recorded here
 
-    def decode():
-        cache.length = T
-        t = token
-        for _ in range(steps):
-            t = step(model, t, cache)
-
-    ms = time_ms(decode, repeats) / steps
-    read, held = cache_bytes_per_step(cache, T)
-    row = {"b": b, "T": T, "eager ms": ms, "eager tok/s": b * 1e3 / ms,
-           "peak GiB": torch.cuda.max_memory_allocated() / GiB, "cache GiB": held / GiB}
-    try:  # the same step at fixed length T, captured once and replayed
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                cache.length = T
-                step(model, token, cache)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        cache.length = T
-        with torch.cuda.graph(graph):
-            step(model, token, cache)
-        cache.length = T
-
-        def replay():
+        def decode():
+            rewind(cache, T)
+            t = token
             for _ in range(steps):
-                graph.replay()
+                t = decode_step(t).argmax(-1)  # greedy, the loop zebra.generate runs
 
-        gms = time_ms(replay, repeats) / steps
-        row.update({"graph ms": gms, "graph tok/s": b * 1e3 / gms,
-                    "% roofline": 100 * (weight_bytes + read) / (gms * 1e-3) / peak_bw})
-        del graph
-    except RuntimeError as e:
-        row["graph ms"] = f"n/a: {str(e).splitlines()[0][:60]}"
+        ms = time_ms(decode, repeats) / steps
+        row.update({f"{mode} ms": ms, f"{mode} tok/s": b * 1e3 / ms})
+        del decode_step
+    read, held = cache_bytes_per_step(cache, T)
+    row.update({"% roofline": 100 * (weight_bytes + read) / (row["graph ms"] * 1e-3) / peak_bw,
+                "peak GiB": torch.cuda.max_memory_allocated() / GiB, "cache GiB": held / GiB})
     return row
+
+
+@torch.no_grad()
+def graph_equals_eager(model, n_new: int = 24) -> bool:
+    """zebra.generate with the captured step == without it: the same greedy tokens (a
+    left-padded batch, so pad handling is replayed too)."""
+    prompts = [torch.randint(1, 1000, (n,)).tolist() for n in (300, 17)]
+    return generate(model, prompts, n_new, cuda_graph=True) == generate(model, prompts, n_new, cuda_graph=False)
 
 
 def hf_model(base_json: dict):
@@ -179,10 +175,7 @@ def official(model, b: int, P: int, new_tokens: int, is_hf: bool) -> float:
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
             return
-        cache = model.new_cache(b, P + new_tokens)
-        t = model(ids, cache)[:, -1].argmax(-1)[:, None]
-        for _ in range(new_tokens - 1):
-            t = step(model, t, cache)
+        generate(model, ids.tolist(), new_tokens)
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -211,6 +204,8 @@ def main():
     for name in ["llama", "8mla-8m2", "4mla-12m2", "all-mamba2", "all-mla", "hf"]:
         model = hf_model(base_json) if name == "hf" else build(name, base)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if name != "hf":
+            print(f"{name}: CUDA-graph decode == eager decode (greedy tokens): {graph_equals_eager(model)}", flush=True)
         for b in batches:
             for T in contexts:
                 try:

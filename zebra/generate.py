@@ -10,6 +10,11 @@ Sampling, per row, from the last logits z (V,):
                       reaches top_p (the top token always stays); renormalise; draw.
 A row stops at its first end-of-sequence token; the batch stops when every row has.
 
+On CUDA the one-token step is captured once in a CUDA graph and replayed for every token
+(`DecodeStep`): a decode step has static shapes (zebra.llama.Cache.context reads the slot from
+the device), so one graph serves every length. Without it, batch-1 decode is bound by Python
+and kernel launches (17-28 ms per step where the GPU needs ~3: bench/RESULTS.md).
+
 CLI (streams a chat answer):
     python -m zebra.generate --model smollm2-135m-instruct --prompt "What is the capital of France?"
 """
@@ -46,14 +51,55 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), pads.to(device)
 
 
+class DecodeStep:
+    """token (b,) -> logits (b V) of the next position, the cache advanced by one slot.
+
+    cuda_graph: the first call runs the step eagerly on a side stream (allocations, cuBLAS
+    handles and Triton autotuning happen there), then records it into a CUDA graph; every
+    later call copies the token into the graph's input and replays it. Recording runs nothing,
+    so it leaves the cache as it was; replay advances the device slot, the host keeps `length`."""
+
+    def __init__(self, model, cache, cuda_graph: bool):
+        self.model, self.cache, self.cuda_graph = model, cache, cuda_graph
+        self.token = self.logits = self.graph = None
+
+    def eager(self, token):
+        return self.model(token[:, None], self.cache)[:, -1]
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        if not self.cuda_graph:
+            return self.eager(token)
+        if self.graph is None:
+            self.token = token.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self.eager(self.token)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph, length = torch.cuda.CUDAGraph(), self.cache.length
+            with torch.cuda.graph(self.graph):
+                self.logits = self.eager(self.token)
+            self.cache.length = length  # recorded, not run
+            return logits
+        if self.cache.length >= self.cache.max_len:
+            raise ValueError(f"cache overflow: {self.cache.length + 1} tokens > max_len {self.cache.max_len}")
+        self.token.copy_(token)
+        self.graph.replay()
+        self.cache.length += 1
+        return self.logits
+
+
 @torch.no_grad()
 def stream(model, prompts: list[list[int]], max_new_tokens: int, eos_ids=(), temperature: float = 0.0,
-           top_p: float = 1.0, pad_id: int = 0, generator=None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row (b,), step by step; finished rows yield `pad_id`."""
+           top_p: float = 1.0, pad_id: int = 0, generator=None,
+           cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (b,), step by step; finished rows yield `pad_id`.
+    cuda_graph: replay the decode step as a CUDA graph (default: on CUDA devices)."""
     device = next(model.parameters()).device
     ids, pads = left_pad(prompts, pad_id, device)
     cache = model.new_cache(len(prompts), ids.shape[1] + max_new_tokens, left_pad=pads)
     logits = model.lm_head(model(ids, cache, return_hidden=True)[:, -1])  # last position only: (b P V) can be GBs
+    step = DecodeStep(model, cache, device.type == "cuda" if cuda_graph is None else cuda_graph)
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
@@ -62,13 +108,13 @@ def stream(model, prompts: list[list[int]], max_new_tokens: int, eos_ids=(), tem
         done |= torch.isin(token, eos)
         if done.all():
             return
-        logits = model(token[:, None], cache)[:, -1]
+        logits = step(token)
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_ids=(), temperature: float = 0.0,
-             top_p: float = 1.0, pad_id: int = 0, generator=None) -> list[list[int]]:
+             top_p: float = 1.0, pad_id: int = 0, generator=None, cuda_graph: bool | None = None) -> list[list[int]]:
     """New tokens per row, each cut after its first end-of-sequence token (kept)."""
-    steps = list(stream(model, prompts, max_new_tokens, eos_ids, temperature, top_p, pad_id, generator))
+    steps = list(stream(model, prompts, max_new_tokens, eos_ids, temperature, top_p, pad_id, generator, cuda_graph))
     out = []
     for row in torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]:
         stop = next((i for i, t in enumerate(row) if t in set(eos_ids)), len(row) - 1)

@@ -7,10 +7,11 @@ KV cache (DESIGN.md, "KV cache accounting"), in bytes at `dtype_bytes` per numbe
     % of teacher        student per token / teacher per token * 100
     total at (b, T)     b * (T * per_token + constant)
 
-Throughput uses the decoding protocol of zebra.generate (`model.new_cache(b, T)`, then
-`model(ids, cache) -> logits`): prefill = one forward over (b, T) random tokens, decode = `steps`
-greedy one-token forwards after it. One untimed warm-up run, then `repeats` timed runs with
-torch.cuda.synchronize() around each phase on GPU; we report the median.
+Throughput uses the decoding loop of zebra.generate: prefill = one forward over (b, T) random
+tokens (the head at the last position only), then one untimed decode step (on CUDA it records
+the CUDA graph that every later step replays: zebra.generate.DecodeStep), decode = `steps` greedy
+steps after it. One untimed warm-up run, then `repeats` timed runs with torch.cuda.synchronize()
+around each phase on GPU; we report the median.
     prefill tok/s = b * T / median prefill seconds,   decode tok/s = b * steps / median decode seconds
 """
 
@@ -20,6 +21,7 @@ import time
 import torch
 
 from zebra.config import LlamaConfig
+from zebra.generate import DecodeStep
 
 
 def teacher_kv_bytes_per_token(config: LlamaConfig, dtype_bytes: int = 2) -> int:
@@ -59,19 +61,23 @@ def throughput(model, batch: int, context: int, steps: int = 32, repeats: int = 
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
     prefill_s, decode_s = [], []
     for run in range(1 + repeats):  # run 0 is the warm-up (allocations, kernel autotuning, compilation)
-        cache = model.new_cache(batch, context + steps)
+        cache = model.new_cache(batch, context + 1 + steps)
         _sync(device)
         t0 = time.perf_counter()
-        token = model(ids, cache)[:, -1].argmax(-1)
+        token = model.lm_head(model(ids, cache, return_hidden=True)[:, -1]).argmax(-1)
         _sync(device)
         t1 = time.perf_counter()
+        step = DecodeStep(model, cache, cuda_graph=device.type == "cuda")
+        token = step(token).argmax(-1)
+        _sync(device)
+        t1_decode = time.perf_counter()
         for _ in range(steps):
-            token = model(token[:, None], cache)[:, -1].argmax(-1)
+            token = step(token).argmax(-1)
         _sync(device)
         t2 = time.perf_counter()
         if run > 0:
             prefill_s.append(t1 - t0)
-            decode_s.append(t2 - t1)
+            decode_s.append(t2 - t1_decode)
     prefill, decode = statistics.median(prefill_s), statistics.median(decode_s)
     return {"batch": batch, "context": context, "decode_steps": steps, "repeats": repeats,
             "prefill_s": prefill, "decode_s": decode,
