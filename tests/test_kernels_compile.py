@@ -19,21 +19,24 @@ import pytest
 
 KERNELS = ("_dt_cumsum_kernel", "_states_fwd_kernel", "_output_fwd_kernel", "_dstates_bwd_kernel",
            "_chunk_bwd_dx_kernel", "_chunk_bwd_dbc_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel",
-           "_conv_step_kernel", "_ssd_step_kernel", "_mla_decode_split_kernel", "_mla_decode_combine_kernel")
+           "_conv_step_kernel", "_ssd_step_kernel", "_mamba2_step_kernel", "_mla_decode_split_kernel",
+           "_mla_decode_combine_kernel")
 TARGETS = {("hip", "gfx942", 64): ("amdgcn", "hsaco"), ("cuda", 90, 32): ("ptx", "cubin")}
 
 # Pointers are bf16 data unless named here; every non-pointer, non-constexpr argument is an i32
-# size or stride except the dt clamp bounds.
+# size or stride except the fp32 scalars named here (dt clamp bounds, norm eps, MLA scale).
 FP32_POINTERS = {"dt_ptr", "acs_ptr", "states_ptr", "dstates_ptr", "init_ptr", "final_ptr",
                  "dfinal_ptr", "dinit_ptr", "ddt_ptr", "dA_part_ptr", "dD_part_ptr", "A_ptr",
-                 "D_ptr", "bias_ptr", "dw_part_ptr", "db_part_ptr", "part_ptr", "ml_ptr"}
+                 "D_ptr", "bias_ptr", "dw_part_ptr", "db_part_ptr", "part_ptr", "ml_ptr",
+                 "ssm_ptr"}
 INT64_POINTERS = {"start_ptr", "length_ptr"}
-FP32_SCALARS = {"dt_min", "dt_max", "qk_scale"}
-# Widest path, Zebra shapes (SSD: p = n = 64, chunk 64, conv kernel 4; MLA decode: the 1B shape,
-# H = 32, r_kv = 128, d_rope = 32, split-K partials).
+BOOL_POINTERS = {"real_ptr"}
+FP32_SCALARS = {"dt_min", "dt_max", "qk_scale", "eps"}
+# Constexprs: the widest path, Zebra shapes (SSD: p = n = 64, chunk 64, conv kernel 4; MLA
+# decode: the 1B shape, H = 32, r_kv = 128, d_rope = 32, split-K partials).
 CONSTEXPRS = dict(HAS_BIAS=True, SOFTPLUS=True, HAS_LIMIT=True, HAS_INIT=True, STORE_FINAL=True,
-                  HAS_D=True, HAS_Z=True, HAS_DFINAL=True, SILU=True, CHUNK=64, BLOCK_P=64,
-                  BLOCK_N=64, BLOCK_H=32, K=4, BLOCK_K=4, BLOCK_C=128,
+                  HAS_D=True, HAS_Z=True, HAS_DFINAL=True, SILU=True, HAS_PAD=True, CHUNK=64,
+                  P=64, N=64, BLOCK_P=64, BLOCK_N=64, BLOCK_H=32, K=4, BLOCK_K=4, BLOCK_C=128,
                   SINGLE=False, BLOCK_R=128, BLOCK_DR=32, BLOCK_S=16)
 
 
@@ -42,7 +45,7 @@ def kernels():
     import triton
 
     found = []
-    for module in ("ssd", "ssd_bwd", "conv1d", "ssd_step", "mla_decode"):
+    for module in ("ssd", "ssd_bwd", "conv1d", "ssd_decode", "mamba2_step", "mla_decode"):
         for name, obj in vars(importlib.import_module(f"zebra.kernels.{module}")).items():
             if isinstance(obj, triton.runtime.Autotuner):
                 found.append((name, obj.fn, [(c.kwargs, c.num_warps, c.num_stages)
@@ -54,13 +57,13 @@ def kernels():
 
 def signature(fn, overrides):
     sig, constexprs = {}, {}
-    for name in fn.arg_names:
-        if name in overrides or name in CONSTEXPRS:
+    for name, param in zip(fn.arg_names, fn.params):
+        if param.is_constexpr:
             sig[name] = "constexpr"
             constexprs[name] = overrides.get(name, CONSTEXPRS.get(name))
         elif name.endswith("_ptr"):
             ssd_state = fn.__name__ == "_ssd_step_kernel" and name == "state_ptr"
-            sig[name] = ("*i64" if name in INT64_POINTERS else
+            sig[name] = ("*i64" if name in INT64_POINTERS else "*i1" if name in BOOL_POINTERS else
                          "*fp32" if name in FP32_POINTERS or ssd_state else "*bf16")
         else:
             sig[name] = "fp32" if name in FP32_SCALARS else "i32"

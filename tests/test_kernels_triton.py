@@ -7,11 +7,13 @@ fp64; errors are relative RMS ||got - ref|| / ||ref||, named per tensor in the a
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from zebra.kernels import reference as ref
 from zebra.kernels.conv1d import causal_conv1d, causal_conv1d_step
+from zebra.kernels.mamba2_step import mamba2_step
 from zebra.kernels.ssd import ssd_scan
-from zebra.kernels.ssd_step import ssd_step
+from zebra.kernels.ssd_decode import ssd_step
 
 SSD_GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
@@ -139,3 +141,66 @@ def test_causal_conv1d_forward_grads_and_step(l, c, k, activation, bias):
     assert_close_named({"step_y": steps}, {"step_y": y_ref}, 1e-5)
     tail = x[:, -k:].transpose(1, 2)
     torch.testing.assert_close(state[:, :, k - tail.shape[2]:], tail)
+
+
+def mamba2_step_reference(zxbcdt, conv_state, ssm_state, n_kv_heads, weight, bias, dt_bias, A_log,
+                          D, norm_weight, eps, dt_limit, real):
+    """Mamba2.step's unfused composition from reference.py: dt, pad masking, conv step, SSD step,
+    and the gated RMSNorm written out."""
+    (b, H, P, N), Hk = ssm_state.shape, n_kv_heads
+    z, xBC, dt = zxbcdt.split([H * P, Hk * (P + N) + H * N, H], dim=-1)
+    dt = ref.process_dt(dt, dt_bias, dt_softplus=True, dt_limit=dt_limit)
+    if real is not None:
+        xBC, dt = xBC.masked_fill(~real[:, None], 0.0), dt.masked_fill(~real[:, None], 0.0)
+    x, B, C = ref.causal_conv1d_step(xBC, conv_state, weight, bias).split([Hk * P, Hk * N, H * N], -1)
+    y = ref.ssd_step(ssm_state, x.view(b, Hk, P), dt, -torch.exp(A_log), B.view(b, Hk, N),
+                     C.view(b, H, N), D=D)
+    y = y * F.silu(z.view(b, H, P))
+    return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).flatten(1) * norm_weight
+
+
+# (H, Hk, P, N, K, pad, dt_limit): GQA groups and H = Hk, P != N, sizes that are not powers of two
+MAMBA2_STEP_CASES = [(6, 2, 16, 16, 4, True, (0.0, float("inf"))), (4, 4, 8, 12, 4, False, (0.01, 0.5)),
+                     (3, 1, 12, 10, 3, True, (0.0, float("inf")))]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("H,Hk,P,N,K,pad,dt_limit", MAMBA2_STEP_CASES)
+def test_mamba2_step_equals_unfused_reference(H, Hk, P, N, K, pad, dt_limit, dtype, tol):
+    """The fused step == the reference composition in fp64, on the same inputs (y, both states);
+    in 16 bits only y's final rounding differs (the states stay within fp32 of the reference)."""
+    b, c = 3, Hk * (P + N) + H * N
+    g = torch.Generator().manual_seed(H + P + N)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    zxbcdt = r(b, H * P + c + H + 5)[:, 5:]  # a strided view, as a split of a wider projection is
+    params = dict(weight=r(c, K) * 0.5, bias=r(c), dt_bias=r(H) * 0.5, A_log=r(H) * 0.5, D=r(H),
+                  norm_weight=r(H * P), eps=1e-5, dt_limit=dt_limit)
+    states = dict(conv_state=r(b, c, K), ssm_state=torch.randn(b, H, P, N, generator=g))
+    real = torch.tensor([[True, False], [False, True], [True, True]])[:, 0] if pad else None  # strided
+    got = {k: v.clone() for k, v in states.items()}
+    y = mamba2_step(zxbcdt, got["conv_state"], got["ssm_state"], Hk, *params.values(), real=real)
+    want = {k: v.double() for k, v in states.items()}
+    y_ref = mamba2_step_reference(zxbcdt.double(), want["conv_state"], want["ssm_state"], Hk,
+                                  *(v.double() if torch.is_tensor(v) else v for v in params.values()), real)
+    assert y.dtype == dtype and y.shape == (b, H * P)
+    torch.testing.assert_close(got["conv_state"], want["conv_state"].to(dtype), rtol=0, atol=0)
+    assert_close_named({"y": y}, {"y": y_ref}, tol)
+    assert_close_named({"ssm_state": got["ssm_state"]}, {"ssm_state": want["ssm_state"]}, 1e-5)
+
+
+def test_mamba2_step_rejects_bad_shapes():
+    b, H, Hk, P, N, K = 2, 4, 2, 8, 8, 4
+    c = Hk * (P + N) + H * N
+    args = dict(conv_weight=torch.randn(c, K), conv_bias=torch.randn(c), dt_bias=torch.randn(H),
+                A_log=torch.randn(H), D=torch.randn(H), norm_weight=torch.randn(H * P), eps=1e-5)
+    zxbcdt, conv, ssm = torch.randn(b, H * P + c + H), torch.randn(b, c, K), torch.randn(b, H, P, N)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        mamba2_step(zxbcdt, conv, ssm, 3, **args)
+    with pytest.raises(ValueError, match="zxbcdt"):
+        mamba2_step(zxbcdt[:, 1:], conv, ssm, Hk, **args)
+    with pytest.raises(ValueError, match="conv_state"):
+        mamba2_step(zxbcdt, conv.transpose(1, 2).contiguous().transpose(1, 2), ssm, Hk, **args)
+    with pytest.raises(ValueError, match="ssm_state"):
+        mamba2_step(zxbcdt, conv, ssm.double(), Hk, **args)
+    with pytest.raises(ValueError, match="real"):
+        mamba2_step(zxbcdt, conv, ssm, Hk, **args, real=torch.ones(b, 1, dtype=torch.bool))

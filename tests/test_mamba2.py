@@ -4,7 +4,8 @@
   initialised from a GQA teacher's attention computes causal linear attention of the teacher's
   q, k, v, written out independently below;
 - the block == an independent plain-torch version of OFFICIAL.md section 3 (fp64);
-- decoding: prefill + token-by-token steps == one full forward (outputs and states);
+- decoding: prefill + token-by-token steps == one full forward (outputs and states), on both
+  kernel backends (the Triton one decodes through the fused step kernel);
 - left padding: a padded row of a batch == the row alone, with and without a cache;
 - shapes and parameter counts for SmolLM2-135M == OFFICIAL.md section 3; inits in their ranges.
 """
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from zebra import kernels
 from zebra.config import LlamaConfig
 from zebra.init import mamba2_from_llama
 from zebra.llama import LlamaAttention
@@ -123,7 +125,26 @@ def test_forward_matches_block_by_hand(H, Hk):
     torch.testing.assert_close(cache.ssm_state, want_state, rtol=1e-10, atol=1e-12)
 
 
-def test_decode_equals_forward():
+def use_backend(monkeypatch, backend):
+    """Mamba2.step with `backend`'s decode path ("triton": the fused kernel, in Triton's
+    interpreter on CPU; the other kernels stay the import-time backend's). Returns a list that
+    counts the fused kernel's calls."""
+    from zebra.kernels import mamba2_step as fused
+
+    monkeypatch.setattr(kernels, "BACKEND", backend)
+    calls, fused_step = [], fused.mamba2_step
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fused_step(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "mamba2_step", counted)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decode_equals_forward(backend, monkeypatch):
+    calls = use_backend(monkeypatch, backend)
     block = tiny_block()
     b, l = 2, 21
     u = torch.randn(b, l, block.cfg.hidden_size)
@@ -135,9 +156,30 @@ def test_decode_equals_forward():
         outs = [block(u[:, :5], cache)]  # prefill
         outs.append(block(u[:, 5:12], cache))  # a second multi-token call continues the state
         outs += [block(u[:, t:t + 1], cache) for t in range(12, l)]  # steps
+    assert len(calls) == (l - 12 if backend == "triton" else 0)
     torch.testing.assert_close(torch.cat(outs, 1), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache.ssm_state, full.ssm_state, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cache.conv_state, full.conv_state, rtol=1e-5, atol=1e-6)
+
+
+def test_step_with_a_pad_row_same_on_both_backends(monkeypatch):
+    """A pad in a decode step (no conv input, dt = 0): the fused Triton step == the torch step,
+    outputs and caches, with the test switch falling back to the unfused path."""
+    block = tiny_block()
+    u = torch.randn(2, 6, block.cfg.hidden_size)
+    pad_mask = torch.tensor([[True], [False]])
+    for switch in (False, True):
+        block.linear_attention_test = switch
+        results = {}
+        for backend in ("torch", "triton"):
+            calls = use_backend(monkeypatch, backend)
+            cache = block.new_cache(2)
+            with torch.no_grad():
+                block(u[:, :5], cache)
+                results[backend] = (block(u[:, 5:], cache, pad_mask), cache.conv_state, cache.ssm_state)
+        assert len(calls) == (0 if switch else 1)
+        for got, want in zip(results["triton"], results["torch"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_conv_state_holds_last_inputs():

@@ -24,7 +24,8 @@ out_proj <- W_o. `Mamba2.linear_attention_test` switches the block to exactly th
 Decoding: a `Mamba2Cache` holds conv_state (b, conv channels, K), the last K conv inputs, and
 ssm_state (b H P N) fp32, a constant size per sequence. `forward` with a cache continues from it
 (a new cache, all zeros, is the empty prefix) and leaves the new state in it; one token goes
-through `step`, the recurrence written out with the one-token kernels.
+through `step`, the recurrence written out with the one-token kernels (with the Triton backend,
+everything between in_proj and out_proj is one fused kernel, zebra/kernels/mamba2_step.py).
 
 Left-padded batches: `pad_mask` (b l) is True on real tokens. A pad gets no conv input and
 dt = 0 (decay 1, no write), so both states stay zero until the row's first real token and a
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from zebra import kernels
 from zebra.config import LlamaConfig
 from zebra.kernels import causal_conv1d, causal_conv1d_step, ssd_scan, ssd_step
 
@@ -246,7 +248,17 @@ class Mamba2(nn.Module):
         by exp(dt A) and add dt x B^T, read it out with C, add D x."""
         if u.shape[1] != 1:
             raise ValueError(f"step takes one token, got u of shape {tuple(u.shape)}")
-        z, xBC, dt = self._project(u[:, 0], None if pad_mask is None else pad_mask[:, 0])
+        real = None if pad_mask is None else pad_mask[:, 0]
+        if kernels.BACKEND == "triton" and not self.linear_attention_test:
+            from zebra.kernels.mamba2_step import mamba2_step
+
+            # everything between in_proj and out_proj in one launch (decode is launch-bound)
+            weight, bias, _ = self._conv_params()
+            y = mamba2_step(self.in_proj(u[:, 0]), cache.conv_state, cache.ssm_state, self.cfg.n_kv_heads,
+                            weight, bias, self.dt_bias, self.A_log, self.D, self.norm.weight,
+                            self.cfg.rms_norm_eps, self.cfg.dt_limit, real)
+            return self.out_proj(y)[:, None]
+        z, xBC, dt = self._project(u[:, 0], real)
         xBC = causal_conv1d_step(xBC, cache.conv_state, *self._conv_params())  # (b conv channels)
         x, B, C = self._split_xBC(xBC)
         A, D = self._A_D()

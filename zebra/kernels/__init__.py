@@ -10,6 +10,9 @@ Both backends share the signatures of reference.py:
              dt_limit=(0.0, inf))                       # state updated in place
     causal_conv1d(x, weight, bias=None, activation="silu")
     causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu")  # state in place
+
+Fused decode kernels with no torch twin (mamba2_step.py: a whole Mamba2 token after in_proj) are
+called by the layers themselves when BACKEND is "triton"; the torch backend runs the pieces above.
 """
 
 import os
@@ -23,7 +26,7 @@ if BACKEND not in ("torch", "triton"):
 if BACKEND == "triton":
     from zebra.kernels.conv1d import causal_conv1d, causal_conv1d_step
     from zebra.kernels.ssd import ssd_scan
-    from zebra.kernels.ssd_step import ssd_step
+    from zebra.kernels.ssd_decode import ssd_step
 else:
     from zebra.kernels.reference import causal_conv1d, causal_conv1d_step, ssd_scan, ssd_step
 

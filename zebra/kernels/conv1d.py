@@ -89,27 +89,39 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, db_par
 
 
 @triton.jit
-def _conv_step_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr, Cn, stride_x, stride_s,
-                      HAS_BIAS: tl.constexpr, SILU: tl.constexpr, K: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
-    bi, pid_c = tl.program_id(0), tl.program_id(1)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+def _conv_step_rows(x_ptr, state_ptr, w_ptr, bias_ptr, offs_c, mask_c, real,
+                    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, K: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """One token for channels offs_c of one row (shared with mamba2_step.py): shift the window
+    state[c, :K] left, append x[c] (0 where real is false: a pad), store it back; returns y
+    (BLOCK_C) fp32."""
     offs_k = tl.arange(0, BLOCK_K)
-    mask_c = offs_c < Cn
-    x = tl.load(x_ptr + bi * stride_x + offs_c, mask=mask_c, other=0.0)
-    state_offs = bi * stride_s + offs_c[:, None] * K + offs_k[None, :]
-    # shift left by one and append x: new[j] = old[j + 1] for j < K - 1, new[K - 1] = x
+    state_offs = offs_c[:, None] * K + offs_k[None, :]
+    x = tl.where(real, tl.load(x_ptr + offs_c, mask=mask_c, other=0.0), 0.0)
+    # new[j] = old[j + 1] for j < K - 1, new[K - 1] = x
     shifted = tl.load(state_ptr + state_offs + 1, mask=mask_c[:, None] & (offs_k < K - 1)[None, :],
                       other=0.0)
     new = tl.where((offs_k == K - 1)[None, :], x[:, None].to(shifted.dtype), shifted)
-    tl.store(state_ptr + state_offs, new, mask=mask_c[:, None] & (offs_k < K)[None, :])
-    w = tl.load(w_ptr + offs_c[:, None] * K + offs_k[None, :],
-                mask=mask_c[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+    mask_ck = mask_c[:, None] & (offs_k < K)[None, :]
+    tl.store(state_ptr + state_offs, new, mask=mask_ck)
+    w = tl.load(w_ptr + state_offs, mask=mask_ck, other=0.0).to(tl.float32)
     y = tl.sum(new.to(tl.float32) * w, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     if SILU:
         y = y * tl.sigmoid(y)
+    return y
+
+
+@triton.jit
+def _conv_step_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr, Cn, stride_x, stride_s,
+                      HAS_BIAS: tl.constexpr, SILU: tl.constexpr, K: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    bi, pid_c = tl.program_id(0), tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < Cn
+    y = _conv_step_rows(x_ptr + bi * stride_x, state_ptr + bi * stride_s, w_ptr, bias_ptr, offs_c,
+                        mask_c, True, HAS_BIAS, SILU, K, BLOCK_K)
     tl.store(y_ptr + bi * Cn + offs_c, y, mask=mask_c)
 
 

@@ -16,6 +16,26 @@ import triton.language as tl
 
 
 @triton.jit
+def _softplus_clamp(dt, dt_min, dt_max, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """dt <- clamp(softplus?(dt), dt_limit), fp32 (shared with mamba2_step.py)."""
+    if SOFTPLUS:  # torch's softplus, threshold 20
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
+    if HAS_LIMIT:
+        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+    return dt
+
+
+@triton.jit
+def _state_step(state_ptr, state_offs, mask_pn, x, B, C, dt, A):
+    """state <- exp(dt A) state + dt x B^T, stored back; returns state C (p,) fp32 (shared with
+    mamba2_step.py). x (p), B (n), C (n), dt, A: fp32."""
+    state = tl.load(state_ptr + state_offs, mask=mask_pn, other=0.0)
+    state = tl.exp(dt * A) * state + (dt * x)[:, None] * B[None, :]
+    tl.store(state_ptr + state_offs, state, mask=mask_pn)
+    return tl.sum(state * C[None, :], axis=1)
+
+
+@triton.jit
 def _ssd_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
                      H, P, N, stride_x, stride_dt, stride_b, stride_c, stride_z, RX, RB, RC,
                      dt_min, dt_max, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
@@ -29,21 +49,14 @@ def _ssd_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
     dt = tl.load(dt_ptr + bi * stride_dt + hd).to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(bias_ptr + hd).to(tl.float32)
-    if SOFTPLUS:  # torch's softplus, threshold 20
-        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
-    if HAS_LIMIT:
-        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
-    decay = tl.exp(dt * tl.load(A_ptr + hd).to(tl.float32))
+    dt = _softplus_clamp(dt, dt_min, dt_max, SOFTPLUS, HAS_LIMIT)
     x = tl.load(x_ptr + bi * stride_x + (hd // RX) * P + offs_p, mask=mask_p, other=0.0)
     x = x.to(tl.float32)
     B = tl.load(B_ptr + bi * stride_b + (hd // RB) * N + offs_n, mask=mask_n, other=0.0)
     C = tl.load(C_ptr + bi * stride_c + (hd // RC) * N + offs_n, mask=mask_n, other=0.0)
     state_offs = pid_bh * P * N + offs_p[:, None] * N + offs_n[None, :]
-    mask_pn = mask_p[:, None] & mask_n[None, :]
-    state = tl.load(state_ptr + state_offs, mask=mask_pn, other=0.0)
-    state = decay * state + (dt * x)[:, None] * B.to(tl.float32)[None, :]
-    tl.store(state_ptr + state_offs, state, mask=mask_pn)
-    y = tl.sum(state * C.to(tl.float32)[None, :], axis=1)
+    y = _state_step(state_ptr, state_offs, mask_p[:, None] & mask_n[None, :], x,
+                    B.to(tl.float32), C.to(tl.float32), dt, tl.load(A_ptr + hd).to(tl.float32))
     if HAS_D:
         y += tl.load(D_ptr + hd).to(tl.float32) * x
     if HAS_Z:
