@@ -29,6 +29,7 @@ from zebra.data import (
     load_sft,
     pack,
     parse_hh,
+    preference_messages,
 )
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -290,7 +291,7 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def test_errors_name_file_row_and_field(tokenizer, tmp_path):
+def test_errors_name_file_row_and_field(tokenizer, tmp_path, capsys):
     good = {"instruction": "Say hi", "input": "", "output": "hi"}
     path = write_jsonl(tmp_path / "inst.jsonl", [good, good, {"instruction": "Say hi", "input": ""}])
     with pytest.raises(ValueError, match=r"inst\.jsonl row 2: schema 'instruction' needs field 'output'"):
@@ -314,6 +315,13 @@ def test_errors_name_file_row_and_field(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "hh.jsonl", [irregular])
     with pytest.raises(ValueError, match=r"hh\.jsonl row 0: 'chosen' and 'rejected' should share"):
         load_pairs(path, tokenizer, max_length=8, max_prompt_length=4)
+    # among good rows an unpaired one is skipped and counted, as in the real hh-rlhf test file
+    paired = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: d"}
+    path = write_jsonl(tmp_path / "hh2.jsonl", [paired, irregular])
+    (pair,) = load_pairs(path, tokenizer, max_length=64, max_prompt_length=32)
+    assert "hh2.jsonl: skipped 1 of 2 rows" in capsys.readouterr().err
+    expected = encode_pair(tokenizer, *preference_messages(paired, "hh", "x"), 64, 32)
+    assert all(np.array_equal(a, b) for a, b in zip(pair, expected))
 
 
 def test_json_rows_equal_datasets_reading_and_bad_lines_are_named(tmp_path):

@@ -56,6 +56,7 @@ on the world size) restores the exact next batch; a tail shorter than a global b
 import gzip
 import json
 import re
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -197,6 +198,10 @@ def _turns(row: dict, name: str, where: str, role: str) -> list[dict]:
     return [{"role": role, "content": value}] if isinstance(value, str) else _messages(value, where, name)
 
 
+class UnpairedRow(ValueError):
+    """A conversation pair whose transcripts part before their last turn: no shared prompt."""
+
+
 def preference_messages(row: dict, schema: str, where: str) -> tuple[list[dict], list[dict], list[dict]]:
     """One row -> (prompt messages, chosen response messages, rejected response messages)."""
     if schema == "hh":
@@ -210,7 +215,7 @@ def preference_messages(row: dict, schema: str, where: str) -> tuple[list[dict],
         raise ValueError(f"{where}: schema {schema!r} has no chosen/rejected pair; use 'preference' or 'hh' data")
     # Whole conversations (UltraFeedback, hh): prompt = all but the last turn, as the handbook does.
     if chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-        raise ValueError(f"{where}: 'chosen' and 'rejected' should share every turn but a last assistant turn")
+        raise UnpairedRow(f"{where}: 'chosen' and 'rejected' should share every turn but a last assistant turn")
     return chosen[:-1], chosen[-1:], rejected[-1:]
 
 
@@ -304,10 +309,20 @@ def load_pairs(source: str, tokenizer, max_length: int, max_prompt_length: int, 
     if max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length})")
     rows, schema = load_rows(source, schema, split)
-    return [
-        encode_pair(tokenizer, *preference_messages(row, schema, f"{source} row {i}"), max_length, max_prompt_length)
-        for i, row in enumerate(rows)
-    ]
+    pairs, unpaired = [], []
+    for i, row in enumerate(rows):
+        try:
+            messages = preference_messages(row, schema, f"{source} row {i}")
+        except UnpairedRow as e:  # real data has a few (hh-rlhf helpful-base test: 9 of 2354)
+            unpaired.append(e)
+            continue
+        pairs.append(encode_pair(tokenizer, *messages, max_length, max_prompt_length))
+    if unpaired and not pairs:
+        raise unpaired[0]
+    if unpaired:
+        print(f"{source}: skipped {len(unpaired)} of {len(rows)} rows with no shared prompt, "
+              f"first: {unpaired[0]}", file=sys.stderr)
+    return pairs
 
 
 def pack(samples: list[Sample], seq_len: int, eos_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
