@@ -1,7 +1,7 @@
 """Decode throughput and memory: our Llama, the Zebra hybrids, all-Mamba2, all-MLA and HF
 transformers' generate, at Llama-3.2-1B shapes with random weights, bf16.
 
-    python bench/decode.py [--quick] [--official]
+    python bench/decode.py [--quick] [--official] [--batches 1,16,64] [--contexts 1024,4096,16384,32768]
 
 Models (configs/shapes/llama-3.2-1b.json; MLA q_rank, kv_rank, d_rope and layers from
 configs/llama-3.2-1b-{8mla8m2,4mla12m2}.yaml, zebra.hybrid.student_config):
@@ -24,8 +24,8 @@ difference, the prefill cancels.
 Memory: peak allocated during decoding (weights + cache + activations) and the cache itself.
 Roofline: bytes per step = every weight once + the cache read (KV / latents up to T, Mamba2
 states read and written); % of the copy bandwidth measured in this run.
---official: the paper's protocol (batch 48, prompt P in {4k, 8k, 16k, 32k}, 1024 generated
-tokens), generated tokens/s end to end (prefill + decode), ours vs HF generate.
+--official: the paper's protocol (batch 48, prompt P = each context, the paper's 4k-32k, 1024
+generated tokens), generated tokens/s end to end (prefill + decode), ours vs HF generate.
 """
 
 import argparse
@@ -187,15 +187,18 @@ def official(model, b: int, P: int, new_tokens: int, is_hf: bool) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="b in {1, 16}, T in {4k, 16k}, 16 steps")
-    ap.add_argument("--official", action="store_true", help="also the paper's protocol (b 48, 1024 tokens)")
+    ap.add_argument("--official", action="store_true", help="also the paper's protocol (b 48, 1024 tokens, P = each context)")
+    ap.add_argument("--batches", help="comma-separated batch sizes (default 1,16,64; --quick 1,16)")
+    ap.add_argument("--contexts", help="comma-separated contexts T (default 1k,4k,16k,32k; --quick 4k,16k)")
     args = ap.parse_args()
-    print_header("Decode throughput and memory", "python bench/decode.py" + " --quick" * args.quick
-                 + " --official" * args.official)
+    print_header("Decode throughput and memory", "python " + " ".join(sys.argv))
     peak_bw = copy_bandwidth()
     print(f"measured copy bandwidth: {peak_bw / 1e12:.2f} TB/s (issue's H100 reference 3.0 TB/s)")
     base_json = json.load(open(SHAPE))
     base = LlamaConfig.from_dict(base_json)
     batches, contexts = ([1, 16], [4096, 16384]) if args.quick else ([1, 16, 64], [1024, 4096, 16384, 32768])
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else batches
+    contexts = [int(T) for T in args.contexts.split(",")] if args.contexts else contexts
     steps, repeats = (16, 3) if args.quick else (32, 5)
     columns = ["model", "b", "T", "eager ms", "eager tok/s", "graph ms", "graph tok/s", "% roofline",
                "peak GiB", "cache GiB"]
@@ -218,7 +221,7 @@ def main():
                 results[name, b, T] = row
                 print(table_row({"model": name, **row}, columns), flush=True)
         if args.official:
-            for P in (4096, 8192, 16384, 32768):
+            for P in contexts:
                 try:
                     tps = official(model, 48, P, 1024, name == "hf")
                 except torch.OutOfMemoryError:

@@ -187,6 +187,9 @@ if __name__ == "__main__":
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"some of {','.join(SHAPES)}")
     ap.add_argument("--no-peer-checks", action="store_true", help="check ours vs reference only")
     args = ap.parse_args()
+    unknown = set(args.shapes.split(",")) - set(SHAPES)
+    if unknown:
+        ap.error(f"--shapes: unknown {sorted(unknown)}; choose from {','.join(SHAPES)}")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     peers = load_peers()
     checks({} if args.no_peer_checks else peers)
