@@ -60,3 +60,16 @@ def test_temperature_sampling_matches_softmax_frequencies():
     counts = torch.bincount(sample(logits, 2.0, 1.0, g), minlength=3).float() / 20000
     expected = torch.softmax(torch.tensor([1.0, 0.0, -1.0]) / 2.0, -1)
     assert torch.allclose(counts, expected, atol=0.015), (counts, expected)
+
+
+def test_chunked_prefill_equals_one_forward():
+    """The prompt fed in chunks that continue the cache (left pads, a 1-token last chunk) gives the
+    tokens of one forward over the whole prompt: llama (KV cache) and the hybrid (MLA latents,
+    Mamba2 conv + SSM states)."""
+    from tests.test_hybrid import tiny_hybrid
+
+    prompts = [[3, 14, 15, 9, 26, 5, 3], [5, 9], [35, 8, 9, 7, 9, 3, 2, 3, 8, 4]]
+    for model in (tiny_llama(), tiny_hybrid()[1]):
+        whole = generate(model, prompts, max_new_tokens=8, prefill_chunk=64)
+        for chunk in (1, 3):
+            assert generate(model, prompts, max_new_tokens=8, prefill_chunk=chunk) == whole, (type(model), chunk)

@@ -10,6 +10,10 @@ Sampling, per row, from the last logits z (V,):
                       reaches top_p (the top token always stays); renormalise; draw.
 A row stops at its first end-of-sequence token; the batch stops when every row has.
 
+The prompt is prefilled `prefill_chunk` positions at a time, each chunk continuing the cache, so a
+long batch's activations stay bounded (b x 4096 x the MLP width, not b x P x ...); the logits
+are computed at the last position only.
+
 On CUDA the one-token step is captured once in a CUDA graph and replayed for every token
 (`DecodeStep`): a decode step has static shapes (zebra.llama.Cache.context reads the slot from
 the device), so one graph serves every length. Without it, batch-1 decode is bound by Python
@@ -92,13 +96,18 @@ class DecodeStep:
 @torch.no_grad()
 def stream(model, prompts: list[list[int]], max_new_tokens: int, eos_ids=(), temperature: float = 0.0,
            top_p: float = 1.0, pad_id: int = 0, generator=None,
-           cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
+           cuda_graph: bool | None = None, prefill_chunk: int = 4096) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (b,), step by step; finished rows yield `pad_id`.
-    cuda_graph: replay the decode step as a CUDA graph (default: on CUDA devices)."""
+    cuda_graph: replay the decode step as a CUDA graph (default: on CUDA devices);
+    prefill_chunk: prompt positions per prefill forward."""
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     device = next(model.parameters()).device
     ids, pads = left_pad(prompts, pad_id, device)
     cache = model.new_cache(len(prompts), ids.shape[1] + max_new_tokens, left_pad=pads)
-    logits = model.lm_head(model(ids, cache, return_hidden=True)[:, -1])  # last position only: (b P V) can be GBs
+    for start in range(0, ids.shape[1], prefill_chunk):
+        hidden = model(ids[:, start:start + prefill_chunk], cache, return_hidden=True)
+    logits = model.lm_head(hidden[:, -1])  # last position only: (b P V) can be GBs
     step = DecodeStep(model, cache, device.type == "cuda" if cuda_graph is None else cuda_graph)
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -112,9 +121,11 @@ def stream(model, prompts: list[list[int]], max_new_tokens: int, eos_ids=(), tem
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_ids=(), temperature: float = 0.0,
-             top_p: float = 1.0, pad_id: int = 0, generator=None, cuda_graph: bool | None = None) -> list[list[int]]:
+             top_p: float = 1.0, pad_id: int = 0, generator=None, cuda_graph: bool | None = None,
+             prefill_chunk: int = 4096) -> list[list[int]]:
     """New tokens per row, each cut after its first end-of-sequence token (kept)."""
-    steps = list(stream(model, prompts, max_new_tokens, eos_ids, temperature, top_p, pad_id, generator, cuda_graph))
+    steps = list(stream(model, prompts, max_new_tokens, eos_ids, temperature, top_p, pad_id, generator, cuda_graph,
+                        prefill_chunk))
     out = []
     for row in torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]:
         stop = next((i for i, t in enumerate(row) if t in set(eos_ids)), len(row) - 1)
