@@ -1,4 +1,12 @@
-"""Helpers shared by the Triton kernels of this package (autotune configs, layouts)."""
+"""Helpers shared by the Triton kernels of this package (autotune configs, layouts).
+
+Offsets: program ids and i32 size/stride arguments are int32 in Triton, so a product such as
+(batch row) x (row stride) overflows once a tensor holds 2^31 elements (a (48, 16384, 5152) bf16
+in_proj output does: an illegal memory access). The kernels therefore offset each program's block
+(its batch row, first row or chunk) by one SCALAR int64 and keep the offsets within the block
+(t_local * stride with t_local < the block length, channel offsets) int32: cheap per element,
+and the loads stay vectorised as before.
+"""
 
 import os
 
@@ -28,6 +36,23 @@ def rows(t):
     if not (t.stride(3) == 1 and t.stride(2) == d and t.stride(0) == l * t.stride(1)):
         t = t.contiguous()
     return t, t.stride(1)
+
+
+@triton.jit
+def load_chunk(ptr, row0, stride, head, D, offs_d, mask_q):
+    """Rows row0 + q (q < len(mask_q), where mask_q holds) of head `head` of a (rows g D) tensor
+    with row stride `stride`: (q, len(offs_d)). row0 is the block's first row, int64."""
+    offs_q = tl.arange(0, mask_q.shape[0])
+    return tl.load(ptr + row0 * stride + offs_q[:, None] * stride + head * D + offs_d[None, :],
+                   mask=mask_q[:, None] & (offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def store_chunk(ptr, row0, stride, head, D, offs_d, mask_q, value):
+    """Store value (q, len(offs_d)) where load_chunk with the same arguments reads."""
+    offs_q = tl.arange(0, mask_q.shape[0])
+    tl.store(ptr + row0 * stride + offs_q[:, None] * stride + head * D + offs_d[None, :], value,
+             mask=mask_q[:, None] & (offs_d < D)[None, :])
 
 
 def block(v):

@@ -9,6 +9,10 @@ channel c with k taps, zeros before t = 0 and act = silu or identity:
 
 The backward recomputes pre instead of storing it. The step keeps a rolling buffer of the
 last k inputs, conv_state (b c k), oldest first, and updates it in place.
+
+Each program moves its pointers to its first row (b, t0) with an int64 scalar offset, so x and y
+may exceed 2^31 elements (a (48, 16384, 5152) in_proj output does); offsets within the block
+stay int32 (_triton.py says why).
 """
 
 import torch
@@ -22,17 +26,18 @@ _CONFIGS = tuning_configs([triton.Config({"BLOCK_L": 32, "BLOCK_C": 64}, num_war
 
 
 @triton.jit
-def _conv_pre(x_ptr, w_ptr, bias_ptr, bi, t, offs_c, L, Cn, stride_x,
+def _conv_pre(x_ptr, w_ptr, bias_ptr, t0, q, offs_c, L, Cn, stride_x,
               HAS_BIAS: tl.constexpr, K: tl.constexpr):
-    """pre-activation at positions t (BLOCK_L) for channels offs_c (BLOCK_C), fp32."""
+    """pre-activation at positions t0 + q (q: BLOCK_L) for channels offs_c (BLOCK_C), fp32;
+    x_ptr points at position t0 of the sequence."""
     mask_c = offs_c < Cn
-    acc = tl.zeros((t.shape[0], offs_c.shape[0]), dtype=tl.float32)
+    acc = tl.zeros((q.shape[0], offs_c.shape[0]), dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     for j in tl.static_range(K):
-        src = t - (K - 1) + j
-        xj = tl.load(x_ptr + (bi * L + src)[:, None] * stride_x + offs_c[None, :],
-                     mask=((src >= 0) & (src < L))[:, None] & mask_c[None, :], other=0.0)
+        src = q - (K - 1) + j
+        xj = tl.load(x_ptr + src[:, None] * stride_x + offs_c[None, :],
+                     mask=((t0 + src >= 0) & (t0 + src < L))[:, None] & mask_c[None, :], other=0.0)
         wj = tl.load(w_ptr + offs_c * K + j, mask=mask_c, other=0.0).to(tl.float32)
         acc += xj.to(tl.float32) * wj[None, :]
     return acc
@@ -44,13 +49,16 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, Cn, stride_x, HAS_BIAS: t
                      SILU: tl.constexpr, K: tl.constexpr, BLOCK_L: tl.constexpr,
                      BLOCK_C: tl.constexpr):
     bi, pid_l, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    t0, q = pid_l * BLOCK_L, tl.arange(0, BLOCK_L)
+    row0 = (bi * L + t0).to(tl.int64)
+    x_ptr += row0 * stride_x
+    y_ptr += row0 * Cn
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    y = _conv_pre(x_ptr, w_ptr, bias_ptr, bi, t, offs_c, L, Cn, stride_x, HAS_BIAS, K)
+    y = _conv_pre(x_ptr, w_ptr, bias_ptr, t0, q, offs_c, L, Cn, stride_x, HAS_BIAS, K)
     if SILU:
         y = y * tl.sigmoid(y)
-    tl.store(y_ptr + (bi * L + t)[:, None] * Cn + offs_c[None, :], y,
-             mask=(t < L)[:, None] & (offs_c < Cn)[None, :])
+    tl.store(y_ptr + q[:, None] * Cn + offs_c[None, :], y,
+             mask=(t0 + q < L)[:, None] & (offs_c < Cn)[None, :])
 
 
 @triton.autotune(_CONFIGS, key=["Cn", "K"], reset_to_zero=["dw_part_ptr", "db_part_ptr"])
@@ -59,33 +67,38 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, db_par
                      L, Cn, stride_x, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                      K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
     bi, pid_l, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    s = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    t0, s = pid_l * BLOCK_L, tl.arange(0, BLOCK_L)  # this program's rows: t0 + s
+    row0 = (bi * L + t0).to(tl.int64)
+    x_ptr += row0 * stride_x
+    dy_ptr += row0 * Cn
+    dx_ptr += row0 * Cn
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < Cn
-    part = (bi * tl.num_programs(1) + pid_l) * Cn + offs_c  # partial sums of dw and dbias
+    part = (bi * tl.num_programs(1) + pid_l).to(tl.int64) * Cn  # partial sums of dw and dbias
     dx = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
     for m in tl.static_range(K):  # g at t = s + m feeds dx_s through tap j = K - 1 - m
-        t = s + m
-        mask_t = (t < L)[:, None] & mask_c[None, :]
-        g = tl.load(dy_ptr + (bi * L + t)[:, None] * Cn + offs_c[None, :], mask=mask_t,
+        q = s + m
+        mask_t = (t0 + q < L)[:, None] & mask_c[None, :]
+        g = tl.load(dy_ptr + q[:, None] * Cn + offs_c[None, :], mask=mask_t,
                     other=0.0).to(tl.float32)
         if SILU:
-            pre = _conv_pre(x_ptr, w_ptr, bias_ptr, bi, t, offs_c, L, Cn, stride_x, HAS_BIAS, K)
+            pre = _conv_pre(x_ptr, w_ptr, bias_ptr, t0, q, offs_c, L, Cn, stride_x, HAS_BIAS, K)
             sig = tl.sigmoid(pre)
             g *= sig * (1.0 + pre * (1.0 - sig))
         wj = tl.load(w_ptr + offs_c * K + (K - 1 - m), mask=mask_c, other=0.0).to(tl.float32)
         dx += g * wj[None, :]
         if m == 0:  # this program's own rows: dw and dbias partial sums
             if HAS_BIAS:
-                tl.store(db_part_ptr + part, tl.sum(g, axis=0), mask=mask_c)
+                tl.store(db_part_ptr + part + offs_c, tl.sum(g, axis=0), mask=mask_c)
             for j in tl.static_range(K):
                 src = s - (K - 1) + j
-                xj = tl.load(x_ptr + (bi * L + src)[:, None] * stride_x + offs_c[None, :],
-                             mask=((src >= 0) & (src < L))[:, None] & mask_c[None, :],
+                xj = tl.load(x_ptr + src[:, None] * stride_x + offs_c[None, :],
+                             mask=((t0 + src >= 0) & (t0 + src < L))[:, None] & mask_c[None, :],
                              other=0.0).to(tl.float32)
-                tl.store(dw_part_ptr + part * K + j, tl.sum(g * xj, axis=0), mask=mask_c)
-    tl.store(dx_ptr + (bi * L + s)[:, None] * Cn + offs_c[None, :], dx,
-             mask=(s < L)[:, None] & mask_c[None, :])
+                tl.store(dw_part_ptr + part * K + offs_c * K + j, tl.sum(g * xj, axis=0),
+                         mask=mask_c)
+    tl.store(dx_ptr + s[:, None] * Cn + offs_c[None, :], dx,
+             mask=(t0 + s < L)[:, None] & mask_c[None, :])
 
 
 @triton.jit
@@ -117,7 +130,7 @@ def _conv_step_rows(x_ptr, state_ptr, w_ptr, bias_ptr, offs_c, mask_c, real,
 def _conv_step_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr, Cn, stride_x, stride_s,
                       HAS_BIAS: tl.constexpr, SILU: tl.constexpr, K: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
-    bi, pid_c = tl.program_id(0), tl.program_id(1)
+    bi, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < Cn
     y = _conv_step_rows(x_ptr + bi * stride_x, state_ptr + bi * stride_s, w_ptr, bias_ptr, offs_c,

@@ -23,6 +23,7 @@ shifted window. Here each conv-state channel and each SSM state is read and writ
 one program, so the kernel needs no ordering; the cost is b * Hk programs rather than b * H.
 P, N and K are compile-time constants (one build per model shape): for power-of-two sizes the
 masks fold away, and the (P N) state tile stays in registers, ~16 values a thread (4-16 warps).
+Row offsets (b times a stride) are int64 scalars, so no tensor size overflows them.
 """
 
 import torch
@@ -39,9 +40,10 @@ def _mamba2_step_kernel(zxbcdt_ptr, conv_ptr, w_ptr, bias_ptr, dt_bias_ptr, A_lo
                         stride_real, eps, dt_min, dt_max, P: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                         HAS_PAD: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK_P: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    bi, g = tl.program_id(0), tl.program_id(1)
+    bi, g = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs_p, offs_n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
     mask_p, mask_n = offs_p < P, offs_n < N
+    offs_pn, mask_pn = offs_p[:, None] * N + offs_n[None, :], mask_p[:, None] & mask_n[None, :]
     if HAS_PAD:
         real = tl.load(real_ptr + bi * stride_real) != 0
     else:
@@ -62,8 +64,7 @@ def _mamba2_step_kernel(zxbcdt_ptr, conv_ptr, w_ptr, bias_ptr, dt_bias_ptr, A_lo
                              SOFTPLUS=True, HAS_LIMIT=HAS_LIMIT)
         dt = tl.where(real, dt, 0.0)
         A = -tl.exp(tl.load(A_log_ptr + h).to(tl.float32))
-        state_offs = (bi * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :]
-        y = _state_step(ssm_ptr, state_offs, mask_p[:, None] & mask_n[None, :], x, B, C, dt, A)
+        y = _state_step(ssm_ptr + (bi * H + h) * P * N, offs_pn, mask_pn, x, B, C, dt, A)
         y += tl.load(D_ptr + h).to(tl.float32) * x
         z = tl.load(u_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
         y *= z * tl.sigmoid(z)  # off mask_p: y = 0, so the sum is over the P channels

@@ -23,6 +23,9 @@ splits with weights exp(m_s - max_s m_s). With one split the first kernel normal
 the output itself. Softmax runs in base 2 (exp2, scale * log2 e folded into the scores); sums
 and accumulators are fp32; matrix products take the input dtype (bf16/fp16 tensor cores, IEEE
 fp32 for fp32 inputs). Only portable Triton: the kernels build for CUDA and ROCm alike.
+Offsets: the row's base (b times a stride) is an int64 scalar and the key slots' offsets are
+int64 too, so no cache size overflows them. (An int64 base per key tile with int32 offsets within
+it, the other kernels' form, ran 20-28% slower on an H100 where a split holds 8-16 tiles.)
 """
 
 import torch
@@ -60,7 +63,7 @@ def _mla_decode_split_kernel(ql_ptr, qr_ptr, ckv_ptr, kr_ptr, start_ptr, length_
                              stride_cb, stride_ct, stride_kb, stride_kt,
                              SINGLE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
                              BLOCK_DR: tl.constexpr, BLOCK_T: tl.constexpr):
-    pid_s, pid_b, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_s, pid_b, pid_h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_r, offs_d = tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_DR)
     mask_h, mask_r, mask_d = offs_h < H, offs_r < R, offs_d < DR
@@ -76,8 +79,8 @@ def _mla_decode_split_kernel(ql_ptr, qr_ptr, ckv_ptr, kr_ptr, start_ptr, length_
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
-    c_base = ckv_ptr + pid_b.to(tl.int64) * stride_cb
-    k_base = kr_ptr + pid_b.to(tl.int64) * stride_kb
+    c_base = ckv_ptr + pid_b * stride_cb
+    k_base = kr_ptr + pid_b * stride_kb
     for t0 in range(lo, hi, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < hi
@@ -97,28 +100,28 @@ def _mla_decode_split_kernel(ql_ptr, qr_ptr, ckv_ptr, kr_ptr, start_ptr, length_
 
     if SINGLE:  # one split covers the row: normalise and write the output directly
         out = acc / l[:, None]
-        tl.store(out_ptr + (pid_b * H + offs_h[:, None]) * R + offs_r[None, :],
+        tl.store(out_ptr + pid_b * H * R + offs_h[:, None] * R + offs_r[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_r[None, :])
     else:
-        row = (pid_b * n_splits + pid_s) * H + offs_h  # partials laid out (b S H r), (b S H 2)
-        tl.store(part_ptr + row[:, None] * R + offs_r[None, :], acc,
+        row0 = (pid_b * n_splits + pid_s) * H  # partials laid out (b S H r), (b S H 2)
+        tl.store(part_ptr + row0 * R + offs_h[:, None] * R + offs_r[None, :], acc,
                  mask=mask_h[:, None] & mask_r[None, :])
-        tl.store(ml_ptr + row * 2, m, mask=mask_h)
-        tl.store(ml_ptr + row * 2 + 1, l, mask=mask_h)
+        tl.store(ml_ptr + row0 * 2 + offs_h * 2, m, mask=mask_h)
+        tl.store(ml_ptr + row0 * 2 + offs_h * 2 + 1, l, mask=mask_h)
 
 
 @triton.jit
 def _mla_decode_combine_kernel(part_ptr, ml_ptr, out_ptr, H, R, n_splits,
                                BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
-    pid_b, pid_h = tl.program_id(0), tl.program_id(1)
+    pid_b, pid_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs_s, offs_r = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_R)
     mask_s, mask_r = offs_s < n_splits, offs_r < R
-    row = (pid_b * n_splits + offs_s) * H + pid_h
-    m = tl.load(ml_ptr + row * 2, mask=mask_s, other=float("-inf"))
-    l = tl.load(ml_ptr + row * 2 + 1, mask=mask_s, other=0.0)
+    row0, row = pid_b * n_splits * H, offs_s * H + pid_h  # this row's splits, head pid_h
+    m = tl.load(ml_ptr + row0 * 2 + row * 2, mask=mask_s, other=float("-inf"))
+    l = tl.load(ml_ptr + row0 * 2 + row * 2 + 1, mask=mask_s, other=0.0)
     w = tl.exp2(m - tl.max(m, axis=0))  # empty splits (m = -inf) weigh 0; split 0 is never empty
-    acc = tl.load(part_ptr + row[:, None] * R + offs_r[None, :], mask=mask_s[:, None] & mask_r[None, :],
-                  other=0.0)
+    acc = tl.load(part_ptr + row0 * R + row[:, None] * R + offs_r[None, :],
+                  mask=mask_s[:, None] & mask_r[None, :], other=0.0)
     out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
     tl.store(out_ptr + (pid_b * H + pid_h) * R + offs_r, out.to(out_ptr.dtype.element_ty), mask=mask_r)
 

@@ -17,14 +17,16 @@ positions, with a_t = dt_t A and acs_t the cumsum of a within the chunk:
 Heads share x, B, C in groups (see reference.py): kernels index them by head // ratio, so no
 repeated tensor is ever materialised. Matrix products take the input dtype (bf16/fp16 tensor
 cores; TF32 for fp32 inputs on GPUs); sums, decays and states are fp32. Only portable Triton is
-used (no inline asm), so the kernels build for CUDA and ROCm.
+used (no inline asm), so the kernels build for CUDA and ROCm. Each program's base offset
+(first row of its chunk, its (b, h, chunk) state) is an int64 scalar, so tensors may exceed
+2^31 elements; offsets within a chunk stay int32 (_triton.py says why).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from zebra.kernels._triton import FP32_DOTS, block, rows, warps_stages
+from zebra.kernels._triton import FP32_DOTS, block, load_chunk, rows, store_chunk, warps_stages
 from zebra.kernels.ssd_bwd import ssd_backward
 
 # ---------------------------------------------------------------------------------------------
@@ -36,10 +38,11 @@ def _dt_cumsum_kernel(dt_ptr, bias_ptr, A_ptr, dt_out_ptr, acs_ptr, L, H, NC, dt
                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
                       CHUNK: tl.constexpr, BLOCK_H: tl.constexpr):
     pid_b, pid_c = tl.program_id(0), tl.program_id(1)
-    t = pid_c * CHUNK + tl.arange(0, CHUNK)
+    offs_q = tl.arange(0, CHUNK)
     hh = tl.arange(0, BLOCK_H)
-    mask = (t < L)[:, None] & (hh < H)[None, :]
-    dt = tl.load(dt_ptr + (pid_b * L + t)[:, None] * H + hh[None, :], mask=mask, other=0.0)
+    mask = (pid_c * CHUNK + offs_q < L)[:, None] & (hh < H)[None, :]
+    dt_ptr += (pid_b * L + pid_c * CHUNK).to(tl.int64) * H
+    dt = tl.load(dt_ptr + offs_q[:, None] * H + hh[None, :], mask=mask, other=0.0)
     dt = dt.to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(bias_ptr + hh, mask=hh < H, other=0.0).to(tl.float32)[None, :]
@@ -50,9 +53,10 @@ def _dt_cumsum_kernel(dt_ptr, bias_ptr, A_ptr, dt_out_ptr, acs_ptr, L, H, NC, dt
     dt = tl.where(mask, dt, 0.0)  # padded tail: dt = 0, so decay 1 and no input
     A = tl.load(A_ptr + hh, mask=hh < H, other=0.0).to(tl.float32)
     acs = tl.cumsum(dt * A[None, :], axis=0)
-    out = (pid_b * H + hh)[None, :] * NC * CHUNK + t[:, None]
-    tl.store(dt_out_ptr + out, dt, mask=(hh < H)[None, :])
-    tl.store(acs_ptr + out, acs, mask=(hh < H)[None, :])
+    chunk = (pid_b * H * NC + pid_c).to(tl.int64) * CHUNK  # (b h c q): chunk pid_c, head 0
+    out = hh[None, :] * NC * CHUNK + offs_q[:, None]
+    tl.store(dt_out_ptr + chunk + out, dt, mask=(hh < H)[None, :])
+    tl.store(acs_ptr + chunk + out, acs, mask=(hh < H)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,29 +78,24 @@ def _states_fwd_kernel(x_ptr, B_ptr, dt_ptr, acs_ptr, init_ptr, states_ptr, fina
     offs_q = tl.arange(0, CHUNK)
     mask_pn = (offs_p < P)[:, None] & (offs_n < N)[None, :]
     offs_pn = offs_p[:, None] * N + offs_n[None, :]
-    x_base = x_ptr + bi * L * stride_x + (hd // RX) * P
-    B_base = B_ptr + bi * L * stride_b + (hd // RB) * N
-    dt_base, acs_base = dt_ptr + pid_bh * NC * CHUNK, acs_ptr + pid_bh * NC * CHUNK
-    states_base = states_ptr + pid_bh.to(tl.int64) * NC * P * N  # > 2^31 elements at long l
     if HAS_INIT:
-        h = tl.load(init_ptr + pid_bh * P * N + offs_pn, mask=mask_pn, other=0.0)
+        h = tl.load(init_ptr + pid_bh.to(tl.int64) * P * N + offs_pn, mask=mask_pn, other=0.0)
     else:
         h = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for c in range(NC):
-        tl.store(states_base + c * P * N + offs_pn, h, mask=mask_pn)
-        t = c * CHUNK + offs_q
-        x = tl.load(x_base + t[:, None] * stride_x + offs_p[None, :],
-                    mask=(t < L)[:, None] & (offs_p < P)[None, :], other=0.0)
-        B = tl.load(B_base + t[:, None] * stride_b + offs_n[None, :],
-                    mask=(t < L)[:, None] & (offs_n < N)[None, :], other=0.0)
-        dt = tl.load(dt_base + t)
-        acs = tl.load(acs_base + t)
-        acs_last = tl.load(acs_base + c * CHUNK + CHUNK - 1)
+        chunk = (pid_bh * NC + c).to(tl.int64)
+        tl.store(states_ptr + chunk * P * N + offs_pn, h, mask=mask_pn)
+        row0, mask_q = (bi * L + c * CHUNK).to(tl.int64), c * CHUNK + offs_q < L
+        x = load_chunk(x_ptr, row0, stride_x, hd // RX, P, offs_p, mask_q)
+        B = load_chunk(B_ptr, row0, stride_b, hd // RB, N, offs_n, mask_q)
+        dt = tl.load(dt_ptr + chunk * CHUNK + offs_q)
+        acs = tl.load(acs_ptr + chunk * CHUNK + offs_q)
+        acs_last = tl.load(acs_ptr + chunk * CHUNK + CHUNK - 1)
         w = tl.exp(acs_last - acs) * dt  # (q): decay to the chunk's end times dt
         xw = (x * w[:, None]).to(dtype)
         h = tl.exp(acs_last) * h + tl.dot(tl.trans(xw), B.to(dtype))
     if STORE_FINAL:
-        tl.store(final_ptr + pid_bh * P * N + offs_pn, h, mask=mask_pn)
+        tl.store(final_ptr + pid_bh.to(tl.int64) * P * N + offs_pn, h, mask=mask_pn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,24 +112,17 @@ def _output_fwd_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, acs_ptr, states_ptr, D_ptr, 
     bi, c = pid_bc // NC, pid_bc % NC
     dtype = tl.float32 if FP32_DOTS else x_ptr.dtype.element_ty
     offs_q = tl.arange(0, CHUNK)
-    t = c * CHUNK + offs_q
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_qp = (t < L)[:, None] & (offs_p < P)[None, :]
-    mask_qn = (t < L)[:, None] & (offs_n < N)[None, :]
-    row = bi * L + t
-    x = tl.load(x_ptr + row[:, None] * stride_x + (hd // RX) * P + offs_p[None, :], mask=mask_qp,
-                other=0.0)
-    B = tl.load(B_ptr + row[:, None] * stride_b + (hd // RB) * N + offs_n[None, :], mask=mask_qn,
-                other=0.0)
-    C = tl.load(C_ptr + row[:, None] * stride_c + (hd // RC) * N + offs_n[None, :], mask=mask_qn,
-                other=0.0)
-    bh = bi * H + hd
-    dt = tl.load(dt_ptr + bh * NC * CHUNK + t)
-    acs = tl.load(acs_ptr + bh * NC * CHUNK + t)
-    state = tl.load(states_ptr + (bh * NC + c).to(tl.int64) * P * N + offs_p[None, :] * N
-                    + offs_n[:, None], mask=(offs_p < P)[None, :] & (offs_n < N)[:, None],
-                    other=0.0)  # H_c^T (n p)
+    row0, mask_q = (bi * L + c * CHUNK).to(tl.int64), c * CHUNK + offs_q < L
+    x = load_chunk(x_ptr, row0, stride_x, hd // RX, P, offs_p, mask_q)
+    B = load_chunk(B_ptr, row0, stride_b, hd // RB, N, offs_n, mask_q)
+    C = load_chunk(C_ptr, row0, stride_c, hd // RC, N, offs_n, mask_q)
+    chunk = ((bi * H + hd) * NC + c).to(tl.int64)
+    dt = tl.load(dt_ptr + chunk * CHUNK + offs_q)
+    acs = tl.load(acs_ptr + chunk * CHUNK + offs_q)
+    state = tl.load(states_ptr + chunk * P * N + offs_p[None, :] * N + offs_n[:, None],
+                    mask=(offs_p < P)[None, :] & (offs_n < N)[:, None], other=0.0)  # H_c^T (n p)
     causal = offs_q[:, None] >= offs_q[None, :]
     decay = tl.exp(tl.where(causal, acs[:, None] - acs[None, :], float("-inf")))  # (t s)
     x, B, C = x.to(dtype), B.to(dtype), C.to(dtype)
@@ -140,10 +132,9 @@ def _output_fwd_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, acs_ptr, states_ptr, D_ptr, 
     if HAS_D:
         y += tl.load(D_ptr + hd).to(tl.float32) * x.to(tl.float32)
     if HAS_Z:
-        z = tl.load(z_ptr + row[:, None] * stride_z + hd * P + offs_p[None, :], mask=mask_qp,
-                    other=0.0).to(tl.float32)
+        z = load_chunk(z_ptr, row0, stride_z, hd, P, offs_p, mask_q).to(tl.float32)
         y *= z * tl.sigmoid(z)
-    tl.store(y_ptr + (row[:, None] * H + hd) * P + offs_p[None, :], y, mask=mask_qp)
+    store_chunk(y_ptr, row0, H * P, hd, P, offs_p, mask_q, y)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ chunk) come recomputed from ssd.py's stage 1.
               all of a chunk's matrices at once (one kernel spilled registers on sm_90).
 
 Each stage-4 program loops over the heads that share its inputs (x head; B and C groups) and
-sums their gradients in registers: no repeated tensor, no atomics.
+sums their gradients in registers: no repeated tensor, no atomics. As in ssd.py, each chunk's
+base offset is an int64 scalar (row0, chunk) and offsets within the chunk are int32.
 """
 
 import math
@@ -20,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zebra.kernels._triton import FP32_DOTS, block, rows, warps_stages
+from zebra.kernels._triton import FP32_DOTS, block, load_chunk, rows, store_chunk, warps_stages
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,31 +43,23 @@ def _dstates_bwd_kernel(dout_ptr, z_ptr, C_ptr, acs_ptr, dfinal_ptr, dstates_ptr
     offs_q = tl.arange(0, CHUNK)
     mask_pn = (offs_p < P)[:, None] & (offs_n < N)[None, :]
     offs_pn = offs_p[:, None] * N + offs_n[None, :]
-    acs_base = acs_ptr + pid_bh * NC * CHUNK
     if HAS_DFINAL:
-        g = tl.load(dfinal_ptr + pid_bh * P * N + offs_pn, mask=mask_pn, other=0.0)
+        g = tl.load(dfinal_ptr + pid_bh.to(tl.int64) * P * N + offs_pn, mask=mask_pn, other=0.0)
     else:
         g = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for i in range(NC):
         c = NC - 1 - i
-        tl.store(dstates_ptr + (pid_bh * NC + c).to(tl.int64) * P * N + offs_pn, g, mask=mask_pn)
-        t = c * CHUNK + offs_q
-        row = bi * L + t
-        mask_qp = (t < L)[:, None] & (offs_p < P)[None, :]
-        dy = tl.load(dout_ptr + (row[:, None] * H + hd) * P + offs_p[None, :], mask=mask_qp,
-                     other=0.0).to(tl.float32)
-        if HAS_Z:
-            z = tl.load(z_ptr + row[:, None] * stride_z + hd * P + offs_p[None, :], mask=mask_qp,
-                        other=0.0).to(tl.float32)
-            dy *= z * tl.sigmoid(z)
-        C = tl.load(C_ptr + row[:, None] * stride_c + (hd // RC) * N + offs_n[None, :],
-                    mask=(t < L)[:, None] & (offs_n < N)[None, :], other=0.0)
-        acs = tl.load(acs_base + t)
-        acs_last = tl.load(acs_base + c * CHUNK + CHUNK - 1)
+        chunk = (pid_bh * NC + c).to(tl.int64)
+        tl.store(dstates_ptr + chunk * P * N + offs_pn, g, mask=mask_pn)
+        row0, mask_q = (bi * L + c * CHUNK).to(tl.int64), c * CHUNK + offs_q < L
+        dy, _ = _gated_dout(dout_ptr, z_ptr, row0, hd, H, P, stride_z, offs_p, mask_q, HAS_Z)
+        C = load_chunk(C_ptr, row0, stride_c, hd // RC, N, offs_n, mask_q)
+        acs = tl.load(acs_ptr + chunk * CHUNK + offs_q)
+        acs_last = tl.load(acs_ptr + chunk * CHUNK + CHUNK - 1)
         dyw = (dy * tl.exp(acs)[:, None]).to(dtype)
         g = tl.exp(acs_last) * g + tl.dot(tl.trans(dyw), C.to(dtype))
     if HAS_INIT:
-        tl.store(dinit_ptr + pid_bh * P * N + offs_pn, g, mask=mask_pn)
+        tl.store(dinit_ptr + pid_bh.to(tl.int64) * P * N + offs_pn, g, mask=mask_pn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,19 +67,12 @@ def _dstates_bwd_kernel(dout_ptr, z_ptr, C_ptr, acs_ptr, dfinal_ptr, dstates_ptr
 
 
 @triton.jit
-def _load_chunk(ptr, row, stride, head, D, offs_d, mask_q):
-    """Rows `row` (q) of head `head` of a (b l g D) tensor: (q, len(offs_d))."""
-    return tl.load(ptr + row[:, None] * stride + head * D + offs_d[None, :],
-                   mask=mask_q[:, None] & (offs_d < D)[None, :], other=0.0)
-
-
-@triton.jit
-def _gated_dout(dout_ptr, z_ptr, row, hd, H, P, stride_z, offs_p, mask_q, HAS_Z: tl.constexpr):
-    """dL/dy before the gate: dout silu(z). Also returns z (fp32) when HAS_Z."""
-    dout = _load_chunk(dout_ptr, row, H * P, hd, P, offs_p, mask_q).to(tl.float32)
+def _gated_dout(dout_ptr, z_ptr, row0, hd, H, P, stride_z, offs_p, mask_q, HAS_Z: tl.constexpr):
+    """dL/dy before the gate at rows row0 + q: dout silu(z). Also returns z (fp32) when HAS_Z."""
+    dout = load_chunk(dout_ptr, row0, H * P, hd, P, offs_p, mask_q).to(tl.float32)
     z = dout
     if HAS_Z:
-        z = _load_chunk(z_ptr, row, stride_z, hd, P, offs_p, mask_q).to(tl.float32)
+        z = load_chunk(z_ptr, row0, stride_z, hd, P, offs_p, mask_q).to(tl.float32)
         dout = dout * z * tl.sigmoid(z)
     return dout, z
 
@@ -105,19 +91,17 @@ def _chunk_bwd_dx_kernel(x_ptr, B_ptr, C_ptr, dt_raw_ptr, bias_ptr, A_ptr, D_ptr
     bi, c = pid_bc // NC, pid_bc % NC
     dtype = tl.float32 if FP32_DOTS else x_ptr.dtype.element_ty
     offs_q = tl.arange(0, CHUNK)
-    t = c * CHUNK + offs_q
-    row, mask_q = bi * L + t, t < L
+    row0, mask_q = (bi * L + c * CHUNK).to(tl.int64), c * CHUNK + offs_q < L
     offs_p = tl.arange(0, BLOCK_P)
-    mask_qp = mask_q[:, None] & (offs_p < P)[None, :]
     causal = offs_q[:, None] >= offs_q[None, :]
-    x = _load_chunk(x_ptr, row, stride_x, hx, P, offs_p, mask_q).to(dtype)
+    x = load_chunk(x_ptr, row0, stride_x, hx, P, offs_p, mask_q).to(dtype)
     acc_dx = tl.zeros((CHUNK, BLOCK_P), dtype=tl.float32)
     for i in range(RX):
         hd = hx * RX + i
-        bh = bi * H + hd
-        dt = tl.load(dt_ptr + bh * NC * CHUNK + t)
-        acs = tl.load(acs_ptr + bh * NC * CHUNK + t)
-        acs_last = tl.load(acs_ptr + bh * NC * CHUNK + c * CHUNK + CHUNK - 1)
+        chunk = ((bi * H + hd) * NC + c).to(tl.int64)
+        dt = tl.load(dt_ptr + chunk * CHUNK + offs_q)
+        acs = tl.load(acs_ptr + chunk * CHUNK + offs_q)
+        acs_last = tl.load(acs_ptr + chunk * CHUNK + CHUNK - 1)
         # reductions over n, one n tile at a time: C B^T, C H^T, B G^T, (x G . B) and (G . H),
         # with H = H_c entering the chunk and G = dL/dH_{c+1} leaving it
         cb = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
@@ -127,12 +111,12 @@ def _chunk_bwd_dx_kernel(x_ptr, B_ptr, C_ptr, dt_raw_ptr, bias_ptr, A_ptr, D_ptr
         gh = tl.zeros((BLOCK_P,), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            B = _load_chunk(B_ptr, row, stride_b, hd // RB, N, offs_n, mask_q).to(dtype)
-            C = _load_chunk(C_ptr, row, stride_c, hd // RC, N, offs_n, mask_q).to(dtype)
-            pn = (bh * NC + c).to(tl.int64) * P * N + offs_p[:, None] * N + offs_n[None, :]
+            B = load_chunk(B_ptr, row0, stride_b, hd // RB, N, offs_n, mask_q).to(dtype)
+            C = load_chunk(C_ptr, row0, stride_c, hd // RC, N, offs_n, mask_q).to(dtype)
+            pn = offs_p[:, None] * N + offs_n[None, :]
             mask_pn = (offs_p < P)[:, None] & (offs_n < N)[None, :]
-            state = tl.load(states_ptr + pn, mask=mask_pn, other=0.0)
-            dstate = tl.load(dstates_ptr + pn, mask=mask_pn, other=0.0)
+            state = tl.load(states_ptr + chunk * P * N + pn, mask=mask_pn, other=0.0)
+            dstate = tl.load(dstates_ptr + chunk * P * N + pn, mask=mask_pn, other=0.0)
             cb += tl.dot(C, tl.trans(B))
             ch += tl.dot(C, tl.trans(state.to(dtype)))
             bg += tl.dot(B, tl.trans(dstate.to(dtype)))
@@ -142,15 +126,15 @@ def _chunk_bwd_dx_kernel(x_ptr, B_ptr, C_ptr, dt_raw_ptr, bias_ptr, A_ptr, D_ptr
         y_off = tl.exp(acs)[:, None] * ch
         if HAS_D:
             Dh = tl.load(D_ptr + hd).to(tl.float32)
-        dy, z = _gated_dout(dout_ptr, z_ptr, row, hd, H, P, stride_z, offs_p, mask_q, HAS_Z)
+        dy, z = _gated_dout(dout_ptr, z_ptr, row0, hd, H, P, stride_z, offs_p, mask_q, HAS_Z)
         if HAS_Z:  # recompute the pre-gate output y for dz = dout y silu'(z)
             y = tl.dot((cb * decay * dt[None, :]).to(dtype), x) + y_off
             if HAS_D:
                 y += Dh * x.to(tl.float32)
             sig = tl.sigmoid(z)
-            dout = _load_chunk(dout_ptr, row, H * P, hd, P, offs_p, mask_q).to(tl.float32)
-            tl.store(dz_ptr + (row[:, None] * H + hd) * P + offs_p[None, :],
-                     dout * y * sig * (1.0 + z * (1.0 - sig)), mask=mask_qp)
+            dout = load_chunk(dout_ptr, row0, H * P, hd, P, offs_p, mask_q).to(tl.float32)
+            store_chunk(dz_ptr, row0, H * P, hd, P, offs_p, mask_q,
+                        dout * y * sig * (1.0 + z * (1.0 - sig)))
         dyx = tl.dot(dy.to(dtype), tl.trans(x))  # (t s): dy_t . x_s
         decay_end = tl.exp(acs_last - acs)  # (s)
         # dx_s = sum_t cb_ts decay_ts dt_s dy_t + decay_end_s dt_s G B_s + D dy_s
@@ -171,7 +155,8 @@ def _chunk_bwd_dx_kernel(x_ptr, B_ptr, C_ptr, dt_raw_ptr, bias_ptr, A_ptr, D_ptr
         ddt += da * tl.load(A_ptr + hd).to(tl.float32)
         tl.store(dA_part_ptr + pid_bc * H + hd, tl.sum(da * dt))
         # back through clamp, softplus and bias to the raw dt
-        raw = tl.load(dt_raw_ptr + row * H + hd, mask=mask_q, other=0.0).to(tl.float32)
+        raw = tl.load(dt_raw_ptr + row0 * H + offs_q * H + hd, mask=mask_q, other=0.0)
+        raw = raw.to(tl.float32)
         if HAS_BIAS:
             raw += tl.load(bias_ptr + hd).to(tl.float32)
         if SOFTPLUS:
@@ -181,8 +166,8 @@ def _chunk_bwd_dx_kernel(x_ptr, B_ptr, C_ptr, dt_raw_ptr, bias_ptr, A_ptr, D_ptr
             ddt *= tl.sigmoid(raw)
         elif HAS_LIMIT:
             ddt = tl.where((raw >= dt_min) & (raw <= dt_max), ddt, 0.0)
-        tl.store(ddt_ptr + row * H + hd, ddt, mask=mask_q)
-    tl.store(dx_ptr + (row[:, None] * (H // RX) + hx) * P + offs_p[None, :], acc_dx, mask=mask_qp)
+        tl.store(ddt_ptr + row0 * H + offs_q * H + hd, ddt, mask=mask_q)
+    store_chunk(dx_ptr, row0, (H // RX) * P, hx, P, offs_p, mask_q, acc_dx)
 
 
 @triton.autotune(warps_stages([(8, 1), (8, 2)]), key=["P", "N", "CHUNK"])
@@ -201,41 +186,37 @@ def _chunk_bwd_dbc_kernel(x_ptr, B_ptr, C_ptr, z_ptr, dt_ptr, acs_ptr, states_pt
     bi, c = pid_bc // NC, pid_bc % NC
     dtype = tl.float32 if FP32_DOTS else x_ptr.dtype.element_ty
     offs_q = tl.arange(0, CHUNK)
-    t = c * CHUNK + offs_q
-    row, mask_q = bi * L + t, t < L
+    row0, mask_q = (bi * L + c * CHUNK).to(tl.int64), c * CHUNK + offs_q < L
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_qn = mask_q[:, None] & (offs_n < N)[None, :]
+    pn = offs_p[:, None] * N + offs_n[None, :]
     mask_pn = (offs_p < P)[:, None] & (offs_n < N)[None, :]
     causal = offs_q[:, None] >= offs_q[None, :]
     acc_dB = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
     acc_dC = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
     for i in range(R):
         hd = pid_g * R + i
-        bh = bi * H + hd
-        dt = tl.load(dt_ptr + bh * NC * CHUNK + t)
-        acs = tl.load(acs_ptr + bh * NC * CHUNK + t)
-        acs_last = tl.load(acs_ptr + bh * NC * CHUNK + c * CHUNK + CHUNK - 1)
-        x = _load_chunk(x_ptr, row, stride_x, hd // RX, P, offs_p, mask_q).to(dtype)
-        dy, _ = _gated_dout(dout_ptr, z_ptr, row, hd, H, P, stride_z, offs_p, mask_q, HAS_Z)
+        chunk = ((bi * H + hd) * NC + c).to(tl.int64)
+        dt = tl.load(dt_ptr + chunk * CHUNK + offs_q)
+        acs = tl.load(acs_ptr + chunk * CHUNK + offs_q)
+        acs_last = tl.load(acs_ptr + chunk * CHUNK + CHUNK - 1)
+        x = load_chunk(x_ptr, row0, stride_x, hd // RX, P, offs_p, mask_q).to(dtype)
+        dy, _ = _gated_dout(dout_ptr, z_ptr, row0, hd, H, P, stride_z, offs_p, mask_q, HAS_Z)
         dy = dy.to(dtype)
         decay = tl.exp(tl.where(causal, acs[:, None] - acs[None, :], float("-inf")))
         dyxw = (tl.dot(dy, tl.trans(x)) * decay * dt[None, :]).to(dtype)  # (t s)
-        B = _load_chunk(B_ptr, row, stride_b, hd // RB, N, offs_n, mask_q).to(dtype)
-        C = _load_chunk(C_ptr, row, stride_c, hd // RC, N, offs_n, mask_q).to(dtype)
-        pn = (bh * NC + c).to(tl.int64) * P * N + offs_p[:, None] * N + offs_n[None, :]
-        state = tl.load(states_ptr + pn, mask=mask_pn, other=0.0).to(dtype)
-        dstate = tl.load(dstates_ptr + pn, mask=mask_pn, other=0.0).to(dtype)
+        B = load_chunk(B_ptr, row0, stride_b, hd // RB, N, offs_n, mask_q).to(dtype)
+        C = load_chunk(C_ptr, row0, stride_c, hd // RC, N, offs_n, mask_q).to(dtype)
+        state = tl.load(states_ptr + chunk * P * N + pn, mask=mask_pn, other=0.0).to(dtype)
+        dstate = tl.load(dstates_ptr + chunk * P * N + pn, mask=mask_pn, other=0.0).to(dtype)
         acc_dC += tl.dot(dyxw, B) + tl.exp(acs)[:, None] * tl.dot(dy, state)
         acc_dB += tl.dot(tl.trans(dyxw), C)
         acc_dB += (tl.exp(acs_last - acs) * dt)[:, None] * tl.dot(x, dstate)
         if (hd + 1) % RB == 0:
-            tl.store(dB_ptr + (row[:, None] * (H // RB) + hd // RB) * N + offs_n[None, :],
-                     acc_dB, mask=mask_qn)
+            store_chunk(dB_ptr, row0, (H // RB) * N, hd // RB, N, offs_n, mask_q, acc_dB)
             acc_dB = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
         if (hd + 1) % RC == 0:
-            tl.store(dC_ptr + (row[:, None] * (H // RC) + hd // RC) * N + offs_n[None, :],
-                     acc_dC, mask=mask_qn)
+            store_chunk(dC_ptr, row0, (H // RC) * N, hd // RC, N, offs_n, mask_q, acc_dC)
             acc_dC = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
 
 

@@ -7,7 +7,8 @@ Per batch b and head h (x head h // (h // hx), B group h // (h // gb), C group h
     y = state C + D x;  y <- y silu(z)           y: (p)
 
 Shapes: state (b h p n) fp32, x (b hx p), dt (b h), B (b gb n), C (b gc n), D (h), z (b h p).
-One program per (b, h, block of p rows); each reads and writes its state rows once.
+One program per (b, h, block of p rows); each reads and writes its state rows once. Row
+offsets (b times a stride, (b h) times p n) are int64 scalars, so no tensor size overflows them.
 """
 
 import torch
@@ -42,7 +43,7 @@ def _ssd_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_p, pid_bh = tl.program_id(0), tl.program_id(1)
-    bi, hd = pid_bh // H, pid_bh % H
+    bi, hd, bh = (pid_bh // H).to(tl.int64), pid_bh % H, pid_bh.to(tl.int64)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     mask_p, mask_n = offs_p < P, offs_n < N
@@ -54,8 +55,8 @@ def _ssd_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
     x = x.to(tl.float32)
     B = tl.load(B_ptr + bi * stride_b + (hd // RB) * N + offs_n, mask=mask_n, other=0.0)
     C = tl.load(C_ptr + bi * stride_c + (hd // RC) * N + offs_n, mask=mask_n, other=0.0)
-    state_offs = pid_bh * P * N + offs_p[:, None] * N + offs_n[None, :]
-    y = _state_step(state_ptr, state_offs, mask_p[:, None] & mask_n[None, :], x,
+    state_offs = offs_p[:, None] * N + offs_n[None, :]
+    y = _state_step(state_ptr + bh * P * N, state_offs, mask_p[:, None] & mask_n[None, :], x,
                     B.to(tl.float32), C.to(tl.float32), dt, tl.load(A_ptr + hd).to(tl.float32))
     if HAS_D:
         y += tl.load(D_ptr + hd).to(tl.float32) * x
@@ -63,7 +64,7 @@ def _ssd_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
         z = tl.load(z_ptr + bi * stride_z + hd * P + offs_p, mask=mask_p, other=0.0)
         z = z.to(tl.float32)
         y *= z * tl.sigmoid(z)
-    tl.store(y_ptr + pid_bh * P + offs_p, y, mask=mask_p)
+    tl.store(y_ptr + bh * P + offs_p, y, mask=mask_p)
 
 
 def _batch_rows(t):
