@@ -1,7 +1,7 @@
 """Decode throughput and memory: our Llama, the Zebra hybrids, all-Mamba2, all-MLA and HF
 transformers' generate, at Llama-3.2-1B shapes with random weights, bf16.
 
-    python bench/decode.py [--quick] [--official] [--batches 1,16,64] [--contexts 1024,4096,16384,32768]
+    python bench/decode.py [--quick] [--official] [--compile] [--batches 1,16,64] [--contexts 1024,4096,16384,32768]
 
 Models (configs/shapes/llama-3.2-1b.json; MLA q_rank, kv_rank, d_rope and layers from
 configs/llama-3.2-1b-{8mla8m2,4mla12m2}.yaml, zebra.hybrid.student_config):
@@ -17,13 +17,14 @@ time is spent), then `steps` greedy decode steps (slots T .. T + steps - 1) thro
 zebra.generate.DecodeStep, timed with CUDA events: 1 warm-up run, `repeats` timed runs, median.
 `eager` runs the model's Python forward per token; `graph` replays the step captured once as a
 CUDA graph, what zebra.generate does on CUDA (the step attends over the whole buffer under a
-mask: T + steps + 1 slots). Before timing, each model checks that generate() gives the same
+mask: T + steps + 1 slots); `compiled` (--compile) replays the graph of the torch.compile'd step
+(zebra.generate's compile_step=True). Before timing, each model checks that generate() gives the same
 greedy tokens with and without the graph (a left-padded batch of 2 prompts). HF: generate(T random prompt tokens) with
 max_new_tokens = 1 and 1 + steps (min_new_tokens equal, so no EOS stops it); decode time is the
 difference, the prefill cancels.
 Memory: peak allocated during decoding (weights + cache + activations) and the cache itself.
 Roofline: bytes per step = every weight once + the cache read (KV / latents up to T, Mamba2
-states read and written); % of the copy bandwidth measured in this run.
+states read and written); % of the copy bandwidth measured in this run, for graph and compiled.
 --official: the paper's protocol (batch 48, prompt P = each context, the paper's 4k-32k, 1024
 generated tokens), generated tokens/s end to end (prefill + decode), ours vs HF generate.
 """
@@ -73,7 +74,7 @@ def cache_bytes_per_step(cache, T: int) -> tuple[int, int]:
     """(bytes a decode step reads from the cache at length T, bytes the cache occupies)."""
     read = held = 0
     for layer in cache.layers:
-        size = sum(buf.numel() * buf.element_size() for buf in layer.buffers())
+        size = sum(buf.numel() * buf.element_size() for buf in vars(layer).values())
         held += size
         if isinstance(layer, (KVCache, MLACache)):
             read += size * T // (layer.k.shape[2] if isinstance(layer, KVCache) else layer.c_kv.shape[1])
@@ -103,17 +104,17 @@ def time_ms(fn, runs: int) -> float:
 
 
 @torch.no_grad()
-def ours(model, b: int, T: int, steps: int, repeats: int, peak_bw: float, weight_bytes: int) -> dict:
+def ours(model, b: int, T: int, steps: int, repeats: int, peak_bw: float, weight_bytes: int, modes) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     cache = model.new_cache(b, T + steps + 1)
     for layer in cache.layers:
-        for buf in layer.buffers():
+        for buf in vars(layer).values():
             buf.normal_()
     token = torch.randint(0, 1000, (b,), device=DEVICE)
     row = {"b": b, "T": T}
-    for mode in ("eager", "graph"):
-        decode_step = DecodeStep(model, cache, cuda_graph=mode == "graph")
+    for mode in modes:
+        decode_step = DecodeStep(model, cache, cuda_graph=mode != "eager", compile_step=mode == "compiled")
         rewind(cache, T)
         decode_step(token)  # the graph is recorded here
 
@@ -127,8 +128,9 @@ def ours(model, b: int, T: int, steps: int, repeats: int, peak_bw: float, weight
         row.update({f"{mode} ms": ms, f"{mode} tok/s": b * 1e3 / ms})
         del decode_step
     read, held = cache_bytes_per_step(cache, T)
-    row.update({"% roofline": 100 * (weight_bytes + read) / (row["graph ms"] * 1e-3) / peak_bw,
-                "peak GiB": torch.cuda.max_memory_allocated() / GiB, "cache GiB": held / GiB})
+    for mode in modes[1:]:
+        row[f"{mode} % roofline"] = 100 * (weight_bytes + read) / (row[f"{mode} ms"] * 1e-3) / peak_bw
+    row.update({"peak GiB": torch.cuda.max_memory_allocated() / GiB, "cache GiB": held / GiB})
     return row
 
 
@@ -138,6 +140,18 @@ def graph_equals_eager(model, n_new: int = 24) -> bool:
     left-padded batch, so pad handling is replayed too)."""
     prompts = [torch.randint(1, 1000, (n,)).tolist() for n in (300, 17)]
     return generate(model, prompts, n_new, cuda_graph=True) == generate(model, prompts, n_new, cuda_graph=False)
+
+
+@torch.no_grad()
+def compiled_agreement(model, n_new: int = 24) -> str:
+    """Greedy tokens of the compiled step against eager: fused kernels round bf16 differently, so
+    paths may part where two logits nearly tie; reported as tokens equal before the first
+    difference, per row."""
+    prompts = [torch.randint(1, 1000, (n,)).tolist() for n in (300, 17)]
+    ref = generate(model, prompts, n_new, cuda_graph=False)
+    out = generate(model, prompts, n_new, cuda_graph=True, compile_step=True)
+    same = [next((i for i, (x, y) in enumerate(zip(a, r)) if x != y), len(r)) for a, r in zip(out, ref)]
+    return ", ".join(f"{s}/{len(r)}" for s, r in zip(same, ref))
 
 
 def hf_model(base_json: dict):
@@ -190,7 +204,11 @@ def main():
     ap.add_argument("--official", action="store_true", help="also the paper's protocol (b 48, 1024 tokens, P = each context)")
     ap.add_argument("--batches", help="comma-separated batch sizes (default 1,16,64; --quick 1,16)")
     ap.add_argument("--contexts", help="comma-separated contexts T (default 1k,4k,16k,32k; --quick 4k,16k)")
+    ap.add_argument("--compile", action="store_true", help="also the torch.compile'd step (compiles once per model)")
     args = ap.parse_args()
+    # one compiled step per model and batch-size class (1, >= 2) and its layer kinds: past the
+    # default limit of 8, dynamo would quietly run the later models eagerly
+    torch._dynamo.config.recompile_limit = 64
     print_header("Decode throughput and memory", "python " + " ".join(sys.argv))
     peak_bw = copy_bandwidth()
     print(f"measured copy bandwidth: {peak_bw / 1e12:.2f} TB/s (issue's H100 reference 3.0 TB/s)")
@@ -200,8 +218,9 @@ def main():
     batches = [int(b) for b in args.batches.split(",")] if args.batches else batches
     contexts = [int(T) for T in args.contexts.split(",")] if args.contexts else contexts
     steps, repeats = (16, 3) if args.quick else (32, 5)
-    columns = ["model", "b", "T", "eager ms", "eager tok/s", "graph ms", "graph tok/s", "% roofline",
-               "peak GiB", "cache GiB"]
+    modes = ["eager", "graph"] + (["compiled"] if args.compile else [])
+    columns = ["model", "b", "T", "eager ms", "eager tok/s"] + \
+        [f"{m} {c}" for m in modes[1:] for c in ("ms", "tok/s", "% roofline")] + ["peak GiB", "cache GiB"]
     print(f"\n{steps} decode steps, median of {repeats} after a warm-up\n\n" + table_header(columns), flush=True)
     results = {}
     for name in ["llama", "8mla-8m2", "4mla-12m2", "all-mamba2", "all-mla", "hf"]:
@@ -209,11 +228,16 @@ def main():
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         if name != "hf":
             print(f"{name}: CUDA-graph decode == eager decode (greedy tokens): {graph_equals_eager(model)}", flush=True)
+            if args.compile:
+                t0 = time.perf_counter()
+                agree = compiled_agreement(model)
+                print(f"{name}: compiled decode, greedy tokens equal to eager before the first difference: {agree} "
+                      f"(compile + 2 generations {time.perf_counter() - t0:.0f} s)", flush=True)
         for b in batches:
             for T in contexts:
                 try:
                     row = hf(model, b, T, steps, repeats) if name == "hf" else \
-                        ours(model, b, T, steps, repeats, peak_bw, weight_bytes)
+                        ours(model, b, T, steps, repeats, peak_bw, weight_bytes, modes)
                 except torch.OutOfMemoryError:
                     row = {"b": b, "T": T, "eager ms": "OOM"}
                 except Exception as e:  # noqa: BLE001 - one broken point must not lose the rest of the sweep
@@ -231,8 +255,8 @@ def main():
         del model
         torch.cuda.empty_cache()
 
-    print("\nRatios of decode tokens/s: ours as zebra.generate runs it (CUDA graph) over our Llama's graph"
-          " and over HF generate (eager, its default)\n")
+    fast = modes[-1]  # the fastest step we have: the graph, or the compiled graph with --compile
+    print(f"\nRatios of decode tokens/s: ours ({fast}) over our Llama ({fast}) and over HF generate (eager, its default)\n")
     ratio_cols = ["b", "T"] + [f"{m} / {ref}" for m in ("8mla-8m2", "4mla-12m2") for ref in ("llama", "hf")]
     print(table_header(ratio_cols))
     for b in batches:
@@ -240,8 +264,8 @@ def main():
             row = {"b": b, "T": T}
             for m in ("8mla-8m2", "4mla-12m2"):
                 for ref in ("llama", "hf"):
-                    x = results[m, b, T].get("graph tok/s")
-                    y = results[ref, b, T].get("eager tok/s" if ref == "hf" else "graph tok/s")
+                    x = results[m, b, T].get(f"{fast} tok/s")
+                    y = results[ref, b, T].get("eager tok/s" if ref == "hf" else f"{fast} tok/s")
                     if isinstance(x, float) and isinstance(y, float):
                         row[f"{m} / {ref}"] = f"{x / y:.2f}x"
             print(table_row(row, ratio_cols), flush=True)

@@ -1,5 +1,6 @@
 """Generation: cached decoding equals recomputation; sampling follows its definition."""
 
+import pytest
 import torch
 
 from zebra.config import LlamaConfig
@@ -73,3 +74,17 @@ def test_chunked_prefill_equals_one_forward():
         whole = generate(model, prompts, max_new_tokens=8, prefill_chunk=64)
         for chunk in (1, 3):
             assert generate(model, prompts, max_new_tokens=8, prefill_chunk=chunk) == whole, (type(model), chunk)
+
+
+@pytest.mark.slow  # inductor builds C++ kernels on the CPU: about a minute
+def test_compiled_step_equals_eager_and_compiles_once():
+    """compile_step=True (torch.compile of the decode step) gives the eager tokens, and a new
+    batch size (>= 2) or cache length reuses the compiled step: no recompilation."""
+    from tests.test_hybrid import tiny_hybrid
+
+    model = tiny_hybrid()[1]  # MLA and Mamba2 layers, the Llama MLP and norms
+    prompts = [[3, 14, 15, 9, 26], [5], [35, 8, 9, 7, 9, 3, 2, 3]]
+    torch._dynamo.reset()
+    assert generate(model, prompts, 10, compile_step=True) == generate(model, prompts, 10)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert generate(model, prompts[1:], 14, compile_step=True) == generate(model, prompts[1:], 14)

@@ -17,13 +17,16 @@ are computed at the last position only.
 On CUDA the one-token step is captured once in a CUDA graph and replayed for every token
 (`DecodeStep`): a decode step has static shapes (zebra.llama.Cache.context reads the slot from
 the device), so one graph serves every length. Without it, batch-1 decode is bound by Python
-and kernel launches (17-28 ms per step where the GPU needs ~3: bench/RESULTS.md).
+and kernel launches (17-28 ms per step where the GPU needs ~3: bench/RESULTS.md). With
+`compile_step` the captured step is torch.compile's, whose fused kernels take a 1B hybrid's
+batch-1 step from ~2.2 to ~1.5 ms on an H200 (gpt-fast's recipe: compile, then graph).
 
 CLI (streams a chat answer):
-    python -m zebra.generate --model smollm2-135m-instruct --prompt "What is the capital of France?"
+    python -m zebra.generate --model smollm2-135m-instruct --prompt "What is the capital of France?" [--compile]
 """
 
 import argparse
+import gc
 import sys
 from collections.abc import Iterator
 
@@ -55,34 +58,44 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), pads.to(device)
 
 
+def next_logits(model, cache, token: torch.Tensor) -> torch.Tensor:
+    """One decode step: token (b,) -> logits (b V) of the next position; the cache advances."""
+    return model(token[:, None], cache)[:, -1]
+
+
 class DecodeStep:
     """token (b,) -> logits (b V) of the next position, the cache advanced by one slot.
 
-    cuda_graph: the first call runs the step eagerly on a side stream (allocations, cuBLAS
-    handles and Triton autotuning happen there), then records it into a CUDA graph; every
+    compile_step: run the step through torch.compile (dynamic shapes, so one compilation serves
+    every batch size and length): it fuses the norms, RoPE, gates and residual adds, which
+    eagerly are ~40 small kernels a layer; our Triton kernels stay calls of their own.
+    cuda_graph: the first call runs the step on a side stream (allocations, cuBLAS handles,
+    Triton autotuning and compilation happen there), then records it into a CUDA graph; every
     later call copies the token into the graph's input and replays it. Recording runs nothing,
     so it leaves the cache as it was; replay advances the device slot, the host keeps `length`."""
 
-    def __init__(self, model, cache, cuda_graph: bool):
+    def __init__(self, model, cache, cuda_graph: bool, compile_step: bool = False):
         self.model, self.cache, self.cuda_graph = model, cache, cuda_graph
         self.token = self.logits = self.graph = None
-
-    def eager(self, token):
-        return self.model(token[:, None], self.cache)[:, -1]
+        # a function of its arguments, not a bound method: a compiled bound method would hold
+        # this object in a reference cycle, and the cyclic GC freeing an old step's graph during
+        # a later capture invalidates that capture
+        self.forward = torch.compile(next_logits, dynamic=True) if compile_step else next_logits
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         if not self.cuda_graph:
-            return self.eager(token)
+            return self.forward(self.model, self.cache, token)
         if self.graph is None:
             self.token = token.clone()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                logits = self.eager(self.token)
+                logits = self.forward(self.model, self.cache, self.token)
             torch.cuda.current_stream().wait_stream(side)
             self.graph, length = torch.cuda.CUDAGraph(), self.cache.length
+            gc.collect()  # nothing may free CUDA graphs (other steps') while this one records
             with torch.cuda.graph(self.graph):
-                self.logits = self.eager(self.token)
+                self.logits = self.forward(self.model, self.cache, self.token)
             self.cache.length = length  # recorded, not run
             return logits
         if self.cache.length >= self.cache.max_len:
@@ -96,10 +109,12 @@ class DecodeStep:
 @torch.no_grad()
 def stream(model, prompts: list[list[int]], max_new_tokens: int, eos_ids=(), temperature: float = 0.0,
            top_p: float = 1.0, pad_id: int = 0, generator=None,
-           cuda_graph: bool | None = None, prefill_chunk: int = 4096) -> Iterator[torch.Tensor]:
+           cuda_graph: bool | None = None, prefill_chunk: int = 4096,
+           compile_step: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (b,), step by step; finished rows yield `pad_id`.
     cuda_graph: replay the decode step as a CUDA graph (default: on CUDA devices);
-    prefill_chunk: prompt positions per prefill forward."""
+    prefill_chunk: prompt positions per prefill forward;
+    compile_step: torch.compile the decode step (DecodeStep; worth its compile time on long runs)."""
     if prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     device = next(model.parameters()).device
@@ -108,7 +123,7 @@ def stream(model, prompts: list[list[int]], max_new_tokens: int, eos_ids=(), tem
     for start in range(0, ids.shape[1], prefill_chunk):
         hidden = model(ids[:, start:start + prefill_chunk], cache, return_hidden=True)
     logits = model.lm_head(hidden[:, -1])  # last position only: (b P V) can be GBs
-    step = DecodeStep(model, cache, device.type == "cuda" if cuda_graph is None else cuda_graph)
+    step = DecodeStep(model, cache, device.type == "cuda" if cuda_graph is None else cuda_graph, compile_step)
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
@@ -122,10 +137,10 @@ def stream(model, prompts: list[list[int]], max_new_tokens: int, eos_ids=(), tem
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_ids=(), temperature: float = 0.0,
              top_p: float = 1.0, pad_id: int = 0, generator=None, cuda_graph: bool | None = None,
-             prefill_chunk: int = 4096) -> list[list[int]]:
+             prefill_chunk: int = 4096, compile_step: bool = False) -> list[list[int]]:
     """New tokens per row, each cut after its first end-of-sequence token (kept)."""
     steps = list(stream(model, prompts, max_new_tokens, eos_ids, temperature, top_p, pad_id, generator, cuda_graph,
-                        prefill_chunk))
+                        prefill_chunk, compile_step))
     out = []
     for row in torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]:
         stop = next((i for i, t in enumerate(row) if t in set(eos_ids)), len(row) - 1)
@@ -153,6 +168,8 @@ def main(argv=None):
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (faster tokens, "
+                    "a compilation first: worth it for long answers)")
     args = ap.parse_args(argv)
 
     model, tok = load_model(args.model, device=args.device)
@@ -162,7 +179,8 @@ def main(argv=None):
     eos = eos_ids_of(model, tok)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     answer, shown = [], ""
-    for token in stream(model, [prompt], args.max_new_tokens, eos, args.temperature, args.top_p, generator=gen):
+    for token in stream(model, [prompt], args.max_new_tokens, eos, args.temperature, args.top_p, generator=gen,
+                        compile_step=args.compile):
         if token.item() in eos:
             break
         answer.append(token.item())

@@ -89,14 +89,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # Cache shared by all model kinds (the hybrid reuses it with its own per-layer caches)
 
 
-class KVCache(nn.Module):
-    """Keys and values of one attention layer, (b Hk T d) each, written by slot."""
+class KVCache:
+    """Keys and values of one attention layer, (b Hk T d) each, written by slot.
+
+    Caches are plain objects, not nn.Modules: torch.compile treats a module's buffers as fixed
+    shapes, so every new batch size or max_len would recompile the decode step (zebra.generate)."""
 
     def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
-        super().__init__()
         shape = (batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, start, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (b Hk l d) from slot `start` and return the keys and values to attend over.

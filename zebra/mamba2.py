@@ -93,16 +93,16 @@ class Mamba2Config:
         return self.conv_channels * self.d_conv * dtype_bytes + self.n_heads * self.head_dim * self.d_state * 4
 
 
-class Mamba2Cache(nn.Module):
-    """Decoding state of one Mamba2 layer, preallocated and updated in place."""
+class Mamba2Cache:
+    """Decoding state of one Mamba2 layer, preallocated and updated in place (a plain object, as
+    zebra.llama.KVCache says why)."""
 
     def __init__(self, batch: int, cfg: Mamba2Config, dtype, device):
-        super().__init__()
         conv = torch.zeros(batch, cfg.conv_channels, cfg.d_conv, dtype=dtype, device=device)
         state_dtype = torch.promote_types(dtype, torch.float32)  # fp32 (fp64 for an fp64 model)
         ssm = torch.zeros(batch, cfg.n_heads, cfg.head_dim, cfg.d_state, dtype=state_dtype, device=device)
-        self.register_buffer("conv_state", conv, persistent=False)  # (b, conv channels, K) oldest first
-        self.register_buffer("ssm_state", ssm, persistent=False)  # (b H P N)
+        self.conv_state = conv  # (b, conv channels, K) oldest first
+        self.ssm_state = ssm  # (b H P N)
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:

@@ -83,15 +83,13 @@ class MLAConfig:
         return self.kv_values_per_token() * dtype_bytes
 
 
-class MLACache(nn.Module):
-    """Latents c_kv (b T r_kv) and already-rotated rope keys k_rope (b T d_rope), written by slot."""
+class MLACache:
+    """Latents c_kv (b T r_kv) and already-rotated rope keys k_rope (b T d_rope), written by slot
+    (a plain object, as zebra.llama.KVCache says why)."""
 
     def __init__(self, batch: int, max_len: int, kv_rank: int, d_rope: int, dtype, device):
-        super().__init__()
-        self.register_buffer("c_kv", torch.zeros(batch, max_len, kv_rank, dtype=dtype, device=device),
-                             persistent=False)
-        self.register_buffer("k_rope", torch.zeros(batch, max_len, d_rope, dtype=dtype, device=device),
-                             persistent=False)
+        self.c_kv = torch.zeros(batch, max_len, kv_rank, dtype=dtype, device=device)
+        self.k_rope = torch.zeros(batch, max_len, d_rope, dtype=dtype, device=device)
 
     def update(self, start, c_kv: torch.Tensor, k_rope: torch.Tensor):
         """Write c_kv (b l r), k_rope (b l d_rope) from slot `start`; return the slots to attend

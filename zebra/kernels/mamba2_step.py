@@ -73,6 +73,7 @@ def _mamba2_step_kernel(zxbcdt_ptr, conv_ptr, w_ptr, bias_ptr, dt_bias_ptr, A_lo
         tl.store(y_ptr + (bi * H + h) * P + offs_p, y, mask=mask_p)
 
 
+@torch.compiler.disable  # under torch.compile (DecodeStep) a call of its own, launched as written
 def mamba2_step(zxbcdt, conv_state, ssm_state, n_kv_heads, conv_weight, conv_bias, dt_bias, A_log,
                 D, norm_weight, eps, dt_limit=(0.0, float("inf")), real=None):
     """One Mamba2 token after in_proj (Triton, one launch). zxbcdt (b, H P + c + H), any dtype,

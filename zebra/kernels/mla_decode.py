@@ -130,16 +130,19 @@ _SM_COUNT = {}
 
 
 def default_splits(batch: int, head_blocks: int, length: int, device) -> int:
-    """Enough splits for about four programs per multiprocessor, none shorter than 256 keys (on
-    an H100 at b=64, T=32k: S=8 ran in 271 us, S=4 in 319, S=16 in 282; bench/RESULTS.md)."""
+    """As many splits as fit in four programs per multiprocessor (rounded down: a partly filled
+    extra wave costs a whole one), none shorter than 256 keys. At b=64, T=32k on 132 SMs that is
+    S=8: 271 us on an H100 (S=4 319, S=16 282) and 224 us on an H200, where S=9 (576 programs,
+    4.4 waves) took 295 us; bench/RESULTS.md."""
     if device.type != "cuda":
         return 1
     if device not in _SM_COUNT:
         _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(4 * _SM_COUNT[device], batch * head_blocks)
+    wanted = 4 * _SM_COUNT[device] // (batch * head_blocks)
     return max(1, min(wanted, length // _MIN_SPLIT_TOKENS))
 
 
+@torch.compiler.disable  # under torch.compile (DecodeStep) a call of its own, launched as written
 def mla_decode(q_latent, q_rope, c_kv, k_rope, left_pad, length, scale: float,
                num_splits: int | None = None):
     """Latent-space attention of one query token per row (Triton); the spec is mla_decode_reference.
