@@ -39,20 +39,27 @@ def rows(t):
 
 
 @triton.jit
-def load_chunk(ptr, row0, stride, head, D, offs_d, mask_q):
-    """Rows row0 + q (q < len(mask_q), where mask_q holds) of head `head` of a (rows g D) tensor
-    with row stride `stride`: (q, len(offs_d)). row0 is the block's first row, int64."""
+def _chunk_ptrs(ptr, row0, stride, head, D, offs_d, mask_q):
+    """Pointers and mask of rows row0 + q (q < len(mask_q), where mask_q holds) of head `head`
+    of a (rows g D) tensor with row stride `stride`: (q, len(offs_d)). row0 is int64 and is
+    added first, so only the in-block offsets are int32."""
     offs_q = tl.arange(0, mask_q.shape[0])
-    return tl.load(ptr + row0 * stride + offs_q[:, None] * stride + head * D + offs_d[None, :],
-                   mask=mask_q[:, None] & (offs_d < D)[None, :], other=0.0)
+    ptrs = ptr + row0 * stride + offs_q[:, None] * stride + head * D + offs_d[None, :]
+    return ptrs, mask_q[:, None] & (offs_d < D)[None, :]
+
+
+@triton.jit
+def load_chunk(ptr, row0, stride, head, D, offs_d, mask_q):
+    """The block _chunk_ptrs describes, 0 off the mask."""
+    ptrs, mask = _chunk_ptrs(ptr, row0, stride, head, D, offs_d, mask_q)
+    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
 def store_chunk(ptr, row0, stride, head, D, offs_d, mask_q, value):
     """Store value (q, len(offs_d)) where load_chunk with the same arguments reads."""
-    offs_q = tl.arange(0, mask_q.shape[0])
-    tl.store(ptr + row0 * stride + offs_q[:, None] * stride + head * D + offs_d[None, :], value,
-             mask=mask_q[:, None] & (offs_d < D)[None, :])
+    ptrs, mask = _chunk_ptrs(ptr, row0, stride, head, D, offs_d, mask_q)
+    tl.store(ptrs, value, mask=mask)
 
 
 def block(v):
