@@ -18,10 +18,10 @@ zebra.generate.DecodeStep, timed with CUDA events: 1 warm-up run, `repeats` time
 `eager` runs the model's Python forward per token; `graph` replays the step captured once as a
 CUDA graph, what zebra.generate does on CUDA (the step attends over the whole buffer under a
 mask: T + steps + 1 slots); `compiled` (--compile) replays the graph of the torch.compile'd step
-(zebra.generate's compile_step=True). Before timing, each model checks that generate() gives the same
-greedy tokens with and without the graph (a left-padded batch of 2 prompts). HF: generate(T random prompt tokens) with
-max_new_tokens = 1 and 1 + steps (min_new_tokens equal, so no EOS stops it); decode time is the
-difference, the prefill cancels.
+(zebra.generate's compile_step=True). Before timing, each model reports for how many greedy tokens
+generate() with the graph (and compiled) agrees with the eager step (a left-padded batch of 2
+prompts). HF: generate(T random prompt tokens) with max_new_tokens = 1 and 1 + steps
+(min_new_tokens equal, so no EOS stops it); decode time is the difference, the prefill cancels.
 Memory: peak allocated during decoding (weights + cache + activations) and the cache itself.
 Roofline: bytes per step = every weight once + the cache read (KV / latents up to T, Mamba2
 states read and written); % of the copy bandwidth measured in this run, for graph and compiled.
@@ -135,21 +135,14 @@ def ours(model, b: int, T: int, steps: int, repeats: int, peak_bw: float, weight
 
 
 @torch.no_grad()
-def graph_equals_eager(model, n_new: int = 24) -> bool:
-    """zebra.generate with the captured step == without it: the same greedy tokens (a
-    left-padded batch, so pad handling is replayed too)."""
-    prompts = [torch.randint(1, 1000, (n,)).tolist() for n in (300, 17)]
-    return generate(model, prompts, n_new, cuda_graph=True) == generate(model, prompts, n_new, cuda_graph=False)
-
-
-@torch.no_grad()
-def compiled_agreement(model, n_new: int = 24) -> str:
-    """Greedy tokens of the compiled step against eager: fused kernels round bf16 differently, so
-    paths may part where two logits nearly tie; reported as tokens equal before the first
-    difference, per row."""
+def agreement_with_eager(model, n_new: int = 24, **step) -> str:
+    """zebra.generate with the step options `step` (cuda_graph, compile_step) against the eager
+    step on a left-padded batch (so pad handling is replayed too): greedy tokens equal before the
+    first difference, per row. The graph replays the eager kernels, so it must agree everywhere;
+    compiled kernels round bf16 differently and may part paths where two logits nearly tie."""
     prompts = [torch.randint(1, 1000, (n,)).tolist() for n in (300, 17)]
     ref = generate(model, prompts, n_new, cuda_graph=False)
-    out = generate(model, prompts, n_new, cuda_graph=True, compile_step=True)
+    out = generate(model, prompts, n_new, **step)
     same = [next((i for i, (x, y) in enumerate(zip(a, r)) if x != y), len(r)) for a, r in zip(out, ref)]
     return ", ".join(f"{s}/{len(r)}" for s, r in zip(same, ref))
 
@@ -206,9 +199,8 @@ def main():
     ap.add_argument("--contexts", help="comma-separated contexts T (default 1k,4k,16k,32k; --quick 4k,16k)")
     ap.add_argument("--compile", action="store_true", help="also the torch.compile'd step (compiles once per model)")
     args = ap.parse_args()
-    # one compiled step per model and batch-size class (1, >= 2) and its layer kinds: past the
-    # default limit of 8, dynamo would quietly run the later models eagerly
-    torch._dynamo.config.recompile_limit = 64
+    if args.compile:  # one compilation per model and batch-size class (1, >= 2) and layer kind:
+        torch._dynamo.config.recompile_limit = 64  # past the default 8 dynamo would quietly run eager
     print_header("Decode throughput and memory", "python " + " ".join(sys.argv))
     peak_bw = copy_bandwidth()
     print(f"measured copy bandwidth: {peak_bw / 1e12:.2f} TB/s (issue's H100 reference 3.0 TB/s)")
@@ -227,12 +219,13 @@ def main():
         model = hf_model(base_json) if name == "hf" else build(name, base)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         if name != "hf":
-            print(f"{name}: CUDA-graph decode == eager decode (greedy tokens): {graph_equals_eager(model)}", flush=True)
+            print(f"{name}: greedy tokens equal to eager before the first difference, CUDA graph: "
+                  f"{agreement_with_eager(model, cuda_graph=True)}", flush=True)
             if args.compile:
                 t0 = time.perf_counter()
-                agree = compiled_agreement(model)
-                print(f"{name}: compiled decode, greedy tokens equal to eager before the first difference: {agree} "
-                      f"(compile + 2 generations {time.perf_counter() - t0:.0f} s)", flush=True)
+                agree = agreement_with_eager(model, cuda_graph=True, compile_step=True)
+                print(f"{name}: the same, compiled step: {agree} (compile + 2 generations "
+                      f"{time.perf_counter() - t0:.0f} s)", flush=True)
         for b in batches:
             for T in contexts:
                 try:

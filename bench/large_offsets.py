@@ -26,6 +26,7 @@ Prints PASS/FAIL per kernel; exits non-zero on a FAIL. With TRITON_INTERPRET=1 a
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -33,13 +34,18 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from zebra.config import LlamaConfig  # noqa: E402
 from zebra.kernels.conv1d import causal_conv1d  # noqa: E402
 from zebra.kernels.ssd import ssd_scan  # noqa: E402
+from zebra.mamba2 import Mamba2Config  # noqa: E402
 
-H, HK, P, N, K = 32, 8, 64, 64, 4  # Llama-3.2-1B as a Mamba2 student
-D_Z, D_X, D_B, D_C = H * P, HK * P, HK * N, H * N
-D_CONV = D_X + D_B + D_C  # 3072
-D_IN = D_Z + D_CONV + H  # 5152
+# Llama-3.2-1B as a Mamba2 student: in_proj's [z | x | B | C | dt] widths 2048, 512, 512, 2048, 32
+CFG = Mamba2Config.from_llama(LlamaConfig.from_dict(json.load(open(os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/shapes/llama-3.2-1b.json")))))
+H, HK, P, N, K = CFG.n_heads, CFG.n_kv_heads, CFG.head_dim, CFG.d_state, CFG.d_conv
+D_Z, D_X, D_B, D_C, _ = CFG.in_proj_sizes
+D_CONV = CFG.conv_channels  # 3072
+D_IN = sum(CFG.in_proj_sizes)  # 5152
 DTYPE = torch.bfloat16
 
 
